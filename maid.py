@@ -15,7 +15,9 @@ This module knows nothing about images.  A problem is any object implementing
 ``mixed_vjp(x, theta, q)``
     ``∇²_{θx}h(x, θ)ᵀ q = ∂_θ⟨∇ₓh(x, θ), q⟩`` (one vector-Jacobian product, shape of θ).
 ``error_constants(x, theta) -> ErrorConstants``
-    ``μ``, ``L_g``, ``‖J‖``, ``L_J``, ``L_{H⁻¹}`` for the bound ``ω`` (use ``math.inf`` if unknown).
+    ``μ``, ``L_g``, ``‖J‖``, ``L_J``, ``L_{H⁻¹}``.  ``L_g`` (Lipschitz constant of ``∇ₓg`` in x) is
+    **required**: the sufficient-decrease test uses it.  The others only enter the bound ``ω``
+    of the descent check; use ``math.inf`` for any you cannot bound (ω is then ∞ and logged so).
 
 Optional: ``solve_adjoint(x, theta, rhs, q0, delta, max_iter)`` (default: conjugate gradient
 on ``hessian_vp``) and ``metrics(x, theta) -> dict`` (extra columns of the log, e.g. PSNR).
@@ -82,7 +84,8 @@ class BilevelProblem:
         raise NotImplementedError
 
     def error_constants(self, x, theta) -> ErrorConstants:
-        return ErrorConstants(math.nan, math.inf, math.inf, math.inf, math.inf)
+        raise NotImplementedError("error_constants must return at least L_g (the Lipschitz constant of "
+                                  "∇ₓg in x), which the sufficient-decrease test needs")
 
     def solve_adjoint(self, x, theta, rhs, q0, delta: float, max_iter: int):
         """Solve ``∇²ₓₓh q = rhs`` to residual ``≤ δ``; returns ``(q, iters, converged)``."""
@@ -327,6 +330,9 @@ def maid(problem, theta0: torch.Tensor | None = None, x0: torch.Tensor | None = 
                                                  s.eps, cfg.eta, step, zn):
                 accepted, theta_new, x_new = True, cand, low_new.x
                 break
+        if fixed_step and not accepted:       # the only trial point was not finite
+            stop = "non_finite"
+            break
         # 3. update
         if accepted:
             s.theta, s.x = theta_new, x_new

@@ -1,0 +1,103 @@
+"""ADP-β for blind/semi-blind deblurring as a :class:`maid.BilevelProblem` (SPEC §1).
+
+    lower:  x̂(b) = argmin_x ½‖B_b x − y‖² + α R_γ(x) + (μ₀/2)‖x‖²          (lower_level.py)
+    upper:  g(x, b) = ‖A_up x − y‖² / n + β ‖b − b₀‖²_{H¹},   n = number of entries of y
+
+``A_up`` is the learned operator ``B_b`` (``upper_operator='learned'``, the default, what the
+paper's 2D experiments do) or a fixed known operator ``A = B_a`` (``upper_operator='known'``,
+the ADP formulation of Dittmer et al.).  With ``A_up = B_b`` the upper level depends on ``b``
+directly and ``∂_b g`` enters the hypergradient.
+
+Derivatives (``r = B_b x − y``, ``corr(w, u)`` = :func:`operators.kernel_correlation`):
+
+* ``∇ₓg = (2/n) A_upᵀ(A_up x − y)``
+* ``∂_b g = β ∇‖b − b₀‖²_{H¹} + [A_up = B_b] (2/n) corr(r, x)``
+* ``∇²_{bx}hᵀ q = ∂_b⟨B_bᵀ(B_b x − y), q⟩ = corr(B_b q, x) + corr(r, q)``
+
+Error-bound constants (SPEC §3; closed form, circular boundaries, all documented as bounds):
+
+* ``μ = μ₀ + min|b̂|²``, ``L_g = (2/n) ‖A_up‖²``;
+* ``‖J‖ ≤ ‖C_r‖ + ‖B_b‖ ‖C_x‖`` where ``C_u: δ ↦ B_δ u`` on k×k kernels (exact norm, see
+  :func:`operators.conv_operator_norm`), because ``J δ = B_δᵀ r + B_bᵀ B_δ x``;
+* ``L_J = 2k‖B_b‖`` (Young: ``‖B_δ u‖ ≤ ‖δ‖₁‖u‖ ≤ k‖δ‖₂‖u‖``);
+* ``L_{H⁻¹} = L_H/μ²`` with ``L_H = 48√8 α/γ²`` (third derivative of ``sqrt(|v|²+γ²)`` is at
+  most ``6/γ²``, ``‖D‖² ≤ 8``).  These worst-case bounds are loose for images (ω ≫ ‖z‖);
+  the 2D driver logs ω but does not tighten on it (see README).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lower_level import LowerLevel, solve_lower
+from maid import BilevelProblem, ErrorConstants
+from operators import Blur, conv_operator_norm, h1_penalty, h1_penalty_grad, kernel_correlation
+
+UPPER_OPERATORS = ("learned", "known")
+
+
+class ADPBetaProblem(BilevelProblem):
+    """Bilevel deblurring problem; ``theta`` is the kernel ``b`` of shape (C, 1, k, k)."""
+
+    def __init__(self, y, b0, alpha, gamma, beta, mu0=0.0, upper_operator="learned", known_kernel=None,
+                 solver="fista", metrics_fn=None):
+        if upper_operator not in UPPER_OPERATORS:
+            raise ValueError(f"unknown upper_operator {upper_operator!r}; use 'learned' or 'known'")
+        self.y, self.b0 = y, b0
+        self.alpha, self.gamma, self.beta, self.mu0 = alpha, gamma, beta, mu0
+        self.learned = upper_operator == "learned"
+        self.A = None if self.learned else Blur(b0 if known_kernel is None else known_kernel, y.shape[-2:])
+        self.n = y.numel()
+        self.k = b0.shape[-1]
+        self.solver = solver
+        self.metrics_fn = metrics_fn
+        self._cache = (None, None)
+
+    # -- lower level -------------------------------------------------------------------------
+    def lower(self, b) -> LowerLevel:
+        """The lower-level objective ``h(·, b)``, cached for the last kernel seen."""
+        if self._cache[0] is not b:
+            self._cache = (b, LowerLevel(b, self.y, self.alpha, self.gamma, self.mu0))
+        return self._cache[1]
+
+    def solve_lower(self, b, x0, eps, max_iter):
+        return solve_lower(self.lower(b), x0, eps, max_iter, self.solver)
+
+    def hessian_vp(self, x, b, v):
+        return self.lower(b).hvp(x, v)
+
+    def mixed_vjp(self, x, b, q):
+        blur = self.lower(b).blur
+        r = blur.A(x) - self.y
+        return kernel_correlation(blur.A(q), x, self.k) + kernel_correlation(r, q, self.k)
+
+    # -- upper level -------------------------------------------------------------------------
+    def _A_up(self, b) -> Blur:
+        return self.lower(b).blur if self.learned else self.A
+
+    def upper_loss(self, x, b):
+        r = self._A_up(b).A(x) - self.y
+        return (r * r).sum() / self.n + self.beta * h1_penalty(b, self.b0)
+
+    def upper_grad_x(self, x, b):
+        A = self._A_up(b)
+        return (2 / self.n) * A.A_adjoint(A.A(x) - self.y)
+
+    def upper_grad_theta(self, x, b):
+        grad = self.beta * h1_penalty_grad(b, self.b0)
+        if self.learned:
+            grad = grad + (2 / self.n) * kernel_correlation(self.lower(b).blur.A(x) - self.y, x, self.k)
+        return grad
+
+    def error_constants(self, x, b):
+        h = self.lower(b)
+        Bn = h.blur.norm()
+        r = h.blur.A(x) - self.y
+        J = conv_operator_norm(r, self.k) + Bn * conv_operator_norm(x, self.k)
+        L_H = 48 * math.sqrt(8) * self.alpha / self.gamma**2
+        return ErrorConstants(mu=h.mu, L_g=2 / self.n * self._A_up(b).norm() ** 2, J_norm=J,
+                              L_J=2 * self.k * Bn, L_Hinv=L_H / h.mu**2)
+
+    def metrics(self, x, b):
+        return {} if self.metrics_fn is None else self.metrics_fn(x)
