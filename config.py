@@ -1,0 +1,98 @@
+"""Command-line overrides for the drivers' constants, nanoGPT style, and one-line user errors.
+
+A driver defines its configuration as plain constants at the top of the file, then calls
+``apply_overrides(globals(), sys.argv[1:])``: each ``--name=value`` replaces the constant ``name``
+with ``value`` parsed to the constant's type (``bool``: true/false/1/0/yes/no; ``int``;
+``float``: also simple fractions such as ``5/255``; ``str``: taken as written).  An unknown name,
+a malformed argument or a value of the wrong type raises :class:`ConfigError`; the drivers turn
+any ``ConfigError`` into one line on stderr and exit status 2 (:func:`fail`).
+"""
+from __future__ import annotations
+
+import ast
+import math
+import sys
+
+__all__ = ["ConfigError", "apply_overrides", "parse_value", "fail", "check"]
+
+
+class ConfigError(ValueError):
+    """Bad user input: the message says what is wrong and how to fix it."""
+
+
+def _parse_float(text: str) -> float:
+    if "/" in text:
+        num, _, den = text.partition("/")
+        return float(num) / float(den)
+    return float(text)
+
+
+def parse_value(name: str, text: str, default):
+    """Parse ``text`` to the type of ``default``; raise :class:`ConfigError` if it does not fit."""
+    kind = type(default)
+    try:
+        if kind is bool:
+            low = text.strip().lower()
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return _parse_float(text)
+        if kind is str:
+            return text
+        if kind in (list, tuple):
+            value = ast.literal_eval(text)
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return kind(value)
+    except (ValueError, ZeroDivisionError, SyntaxError):
+        pass
+    else:
+        raise ConfigError(f"--{name}: cannot override a setting of type {kind.__name__}")
+    raise ConfigError(f"--{name}={text}: expected a value of type {kind.__name__} "
+                      f"(default {default!r})")
+
+
+def apply_overrides(namespace: dict, argv: list[str], allowed: list[str] | None = None) -> dict:
+    """Apply ``--name=value`` arguments to ``namespace`` (a driver's ``globals()``).
+
+    ``allowed`` lists the overridable names (default: every constant of type bool, int, float
+    or str not starting with ``_``).  Returns the dict of names that were overridden.
+    """
+    if allowed is None:
+        allowed = [k for k, v in namespace.items()
+                   if not k.startswith("_") and type(v) in (bool, int, float, str)]
+    changed = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"argument {arg!r} is not of the form --name=value "
+                              f"(e.g. --setting=semiblind)")
+        name, _, text = arg[2:].partition("=")
+        if name not in allowed:
+            close = [a for a in allowed if a.lower().startswith(name.lower()[:3])]
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"unknown setting --{name}{hint} (valid: {', '.join(sorted(allowed))})")
+        namespace[name] = parse_value(name, text, namespace[name])
+        changed[name] = namespace[name]
+    return changed
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def finite_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    check(ok, f"{name} must be a {'non-negative' if allow_zero else 'positive'} finite number, got {value!r}")
+
+
+def fail(prog: str, error: Exception, code: int = 2):
+    """Print one line ``prog: error: message`` to stderr and exit with ``code``."""
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    sys.exit(code)

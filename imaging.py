@@ -1,0 +1,89 @@
+"""Image input, quality metrics and device choice for the 2D driver.
+
+* :func:`load_image` — a bundled sample by name (``images/``) or any PNG/JPEG path, converted to
+  grey or RGB in [0, 1], resized with anti-aliasing (scikit-image) to ``height × width``.
+* :func:`psnr_ssim` — PSNR from deepinv's metric and SSIM from scikit-image
+  (``data_range = 1``, Gaussian-weighted, colour axis last), both on the estimate clipped to [0, 1].
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from config import ConfigError
+
+_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def image_path(name: str, images_dir: str) -> str:
+    """Resolve a bundled sample name (``astronaut``) or a file path; raise ConfigError if missing."""
+    if os.path.isfile(name):
+        return name
+    for suf in ("",) + _SUFFIXES:
+        cand = os.path.join(images_dir, name + suf)
+        if os.path.isfile(cand):
+            return cand
+    samples = sorted(os.path.splitext(f)[0] for f in os.listdir(images_dir) if f.lower().endswith(_SUFFIXES))
+    raise ConfigError(f"image {name!r} not found: give a path to a PNG/JPEG file or one of the bundled "
+                      f"samples ({', '.join(samples)})")
+
+
+def load_image(name: str, height: int, width: int, channels: int, images_dir: str) -> torch.Tensor:
+    """Load, convert to ``channels`` (1 grey, 3 RGB) and resize; returns float64 (C, H, W) in [0, 1]."""
+    from skimage.transform import resize
+
+    path = image_path(name, images_dir)
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            a = np.asarray(im, dtype=np.float64) / 255.0
+    except (UnidentifiedImageError, OSError) as e:
+        raise ConfigError(f"{path!r} is not a readable image ({type(e).__name__}); give a PNG or JPEG file")
+    if a.ndim == 2:
+        a = a[..., None]
+    a = resize(a, (height, width, a.shape[2]), anti_aliasing=True, mode="reflect")
+    return torch.from_numpy(np.ascontiguousarray(np.clip(a, 0, 1).transpose(2, 0, 1)))
+
+
+_PSNR = None
+
+
+def psnr_ssim(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """``(PSNR [dB], SSIM)`` of ``clip(x, 0, 1)`` against ``ref`` (both (C, H, W) in [0, 1])."""
+    global _PSNR
+    from skimage.metrics import structural_similarity
+
+    if _PSNR is None:
+        from deepinv.loss.metric import PSNR
+        _PSNR = PSNR(max_pixel=1.0)
+    xc = x.detach().clamp(0, 1)
+    p = _PSNR(xc[None].double(), ref[None].double()).item()
+    a = xc.double().cpu().numpy().transpose(1, 2, 0)
+    b = ref.detach().double().cpu().numpy().transpose(1, 2, 0)
+    s = structural_similarity(a, b, data_range=1.0, channel_axis=2, gaussian_weights=True, sigma=1.5,
+                              use_sample_covariance=False)
+    return p, float(s)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → cuda, else mps, else cpu; an explicit device must be available."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"device {name!r} is not available on this machine; use --device=cpu or --device=auto")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"device {name!r} is not available on this machine; use --device=cpu or --device=auto")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return dev
