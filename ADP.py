@@ -8,8 +8,8 @@ Every constant below can be overridden with --name=value.  The script then reads
 bottom: check the configuration, make the data, solve the TV baseline with the known kernel
 b₀, run MAID on the kernel, write figures and logs into a new folder under results_dir.
 """
-import math
 import os
+import signal
 import sys
 import time
 
@@ -67,6 +67,10 @@ try:
     _overrides = apply_overrides(globals(), sys.argv[1:], _CONFIG_NAMES)
 except ConfigError as e:
     fail(_PROG, e)
+
+# Ctrl-C must raise KeyboardInterrupt even if the parent started us with SIGINT ignored
+# (as a non-interactive shell does for background jobs): the MAID loop turns it into a checkpoint.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -194,7 +198,7 @@ problem = ADPBetaProblem(y, b0, tv_weight, tv_smoothing, beta, mu0, upper_operat
                          metrics_fn=metrics)
 _t0 = time.perf_counter()
 try:
-    base = solve_lower(problem.lower(b0), y.clone(), baseline_eps, 50 * lower_iter, lower_solver)
+    base = solve_lower(problem.lower(b0), y.clone(), baseline_eps, 10 * lower_iter, lower_solver)
 except KeyboardInterrupt:
     print(f"interrupted during the TV baseline, before MAID started: nothing to resume ({run_dir} holds "
           f"only config.json)", file=sys.stderr)

@@ -103,7 +103,8 @@ def _interrupt_after_iterations(args, n):
 
     t = threading.Thread(target=reader, daemon=True)
     t.start()
-    out, _ = proc.communicate(timeout=600)
+    out = proc.stdout.read()            # stderr belongs to the reader thread alone
+    proc.wait(timeout=600)
     t.join(5)
     return proc.returncode, out.decode(), bool(seen)
 
