@@ -28,13 +28,13 @@ semiblind_sigma = 0.5      # σ of the unknown extra Gaussian in the 'semiblind'
 noise_level = 5 / 255      # standard deviation of the Gaussian noise
 seed = 0                   # seed of the noise
 # lower level  h(x, b) = ½‖B_b x − y‖² + tv_weight R_γ(x) + (mu0/2)‖x‖²
-tv_weight = 0.02           # α, weight of the smoothed TV
-tv_smoothing = 0.01        # γ in R_γ(x) = Σ sqrt(|∇x|² + γ²)
+tv_weight = 0.005          # α, weight of the smoothed TV (grid search, see README)
+tv_smoothing = 0.01        # γ in R_γ(x) = Σ sqrt(|∇x|² + γ²) (grid search)
 mu0 = 1e-2                 # μ₀, Tikhonov term making h strongly convex for every kernel
 lower_solver = "fista"     # fista | agd
 lower_iter = 3000          # cap on lower-level iterations per solve (hits are counted and reported)
 # upper level  g(x, b) = ‖A_up x − y‖²/n + beta ‖b − b₀‖²_{H¹}
-beta = 1e-3                # β, weight of the H¹ kernel penalty
+beta = 1e-2                # β, weight of the H¹ kernel penalty (grid search, see README)
 upper_operator = "learned"  # learned: A_up = B_b (the paper's 2D choice) | known: A_up = B_{b₀}
 # MAID
 upper_iter = 40            # maximum number of upper iterations
@@ -54,7 +54,7 @@ baseline_eps = 1e-2        # accuracy of the TV baseline with b₀ ("solved to c
 # output and machine
 results_dir = "Results"    # a new folder is made inside for every run
 device = "auto"            # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
-dtype = "float32"          # float32 | float64
+dtype = "float64"          # float64 | float32 (float32: ‖∇h‖ stalls near 1e-5, solves hit lower_iter; see README)
 resume = ""                # path to a checkpoint.pt (or its run folder) to continue an interrupted run
 # ------------------------------------------------------------------------------------------
 _CONFIG_NAMES = [k for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)]

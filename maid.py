@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -221,6 +222,7 @@ class MAIDState:
     cg_cap_hits: int = 0
     elapsed: float = 0.0
     log: list = field(default_factory=list)
+    x_eps: float | None = None   # accuracy of the solve that produced x at theta (None: no such solve)
 
 
 @dataclass
@@ -245,11 +247,17 @@ class _Counter:
     def lower(self, theta, x0, eps):
         res = self.p.solve_lower(theta, x0, eps, self.cfg.lower_max_iter)
         self.s.lower_iters += res.iters
-        self.s.lower_cap_hits += int(not res.converged)
+        if not res.converged:
+            if self.s.lower_cap_hits == 0:
+                warnings.warn(f"a lower-level solve stopped at lower_max_iter={self.cfg.lower_max_iter} before "
+                              f"certifying ‖x̃ − x̂‖ ≤ ε={eps:.3g}; the sufficient-decrease test is not rigorous for "
+                              f"such solves (their number is logged as lower_cap_hits)", RuntimeWarning,
+                              stacklevel=3)
+            self.s.lower_cap_hits += 1
         return res
 
-    def hypergradient(self, x, theta, delta):
-        z, q, it, ok = hypergradient(self.p, x, theta, self.s.q, delta, self.cfg.cg_max_iter)
+    def hypergradient(self, x, theta, q0, delta):
+        z, q, it, ok = hypergradient(self.p, x, theta, q0, delta, self.cfg.cg_max_iter)
         self.s.cg_iters += it
         self.s.cg_cap_hits += int(not ok)
         return z, q
@@ -290,12 +298,15 @@ def maid(problem, theta0: torch.Tensor | None = None, x0: torch.Tensor | None = 
             break
         t0 = time.perf_counter()
         theta = s.theta
-        # 1. lower solve + hypergradient, tightened until ω ≤ (1 − η)‖z‖ (descent direction)
+        # 1. lower solve + hypergradient, tightened until ω ≤ (1 − η)‖z‖ (descent direction).
+        # The accepted candidate was already solved at this θ (at most lower_max_iter iterations);
+        # it is reused unless the accuracy asked for now is tighter.
         tightenings = 0
+        x, q, x_eps = s.x, s.q, s.x_eps
         while True:
-            low = count.lower(theta, s.x, s.eps)
-            x = low.x
-            z, q = count.hypergradient(x, theta, s.delta)
+            if x_eps is None or x_eps > s.eps:
+                x, x_eps = count.lower(theta, x, s.eps).x, s.eps
+            z, q = count.hypergradient(x, theta, q, s.delta)
             if not _finite(x, z, q):
                 stop = "non_finite"
                 break
@@ -310,7 +321,7 @@ def maid(problem, theta0: torch.Tensor | None = None, x0: torch.Tensor | None = 
             tightenings += 1
         if stop == "non_finite":
             break
-        s.x, s.q = x, q
+        s.x, s.q, s.x_eps = x, q, x_eps
         g_old, gx_old, Lg_old = _upper_terms(problem, x, theta)
         if not math.isfinite(g_old):
             stop = "non_finite"
@@ -335,7 +346,7 @@ def maid(problem, theta0: torch.Tensor | None = None, x0: torch.Tensor | None = 
             break
         # 3. update
         if accepted:
-            s.theta, s.x = theta_new, x_new
+            s.theta, s.x, s.x_eps = theta_new, x_new, s.eps
             g_rep = g_new
             if not fixed_step:
                 s.eps *= cfg.nu

@@ -142,6 +142,23 @@ def test_inexact_gradient_descent_keeps_accuracy_and_step_fixed():
     assert all(r["eps"] == 1e-3 and r["step"] == 10.0 for r in res.log)
 
 
+def test_accepted_candidate_is_not_solved_again():
+    """Fixed step: one lower solve per upper step (plus the first); MAID: after an accepted step
+    the next iteration reuses the candidate's solve (ε only grew), after a rejection it re-solves."""
+    p, y, b0, _ = _deblur_problem("learned")
+    calls = []
+    solve = p.solve_lower
+    p.solve_lower = lambda *a: calls.append(a[2]) or solve(*a)
+    inexact_gradient_descent(p, b0.clone(), y.clone(), eps=1e-3, step=10.0, max_iter=6)
+    assert len(calls) == 7
+    calls.clear()
+    res = maid(p, b0.clone(), y.clone(), MAIDConfig(eps0=1.0, delta0=1e-4, step0=100.0, max_iter=12,
+                                                    descent_check=False, lower_max_iter=100000))
+    acc = [r["accepted"] for r in res.log]
+    expected = 1 + sum(r["backtracks"] + 1 for r in res.log) + sum(not a for a in acc[:-1])
+    assert len(calls) == expected and any(acc) and not all(acc)
+
+
 def test_non_finite_hypergradient_stops_and_keeps_last_good_state():
     class Exploding(BilevelProblem):
         """f(θ) = ½(x̂ − 5)², x̂ = θ; the mixed term (so the hypergradient) is NaN once x > 2."""

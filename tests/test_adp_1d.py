@@ -1,0 +1,192 @@
+"""Tests of the 1D ADP experiment (SPEC §4.1): the elastic-net lower level, its certificate, the
+support-restricted hypergradient, MAID on it, LISTA, and the driver's ``--name=value`` parser.
+
+All on small float64 CPU instances (n = 30); the whole file runs in a few seconds.
+"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import maid
+from elastic_net import ElasticNetBilevel, gaussian_operator, lista_step, make_data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DT = torch.float64
+
+
+def small_problem(n=30, seed=1, step=0.1, alpha1=0.05, alpha2=0.027, perturb=0.02, **kw):
+    """A small instance of the 1D problem: Gaussian ``A`` (SPEC formula), piecewise-constant truth,
+    noisy data, and a generic (non-symmetric, non-Toeplitz) operator ``B = A + perturb·N(0, 1)``."""
+    gen = torch.Generator().manual_seed(seed)
+    A = gaussian_operator(n, DT)
+    x_true = torch.zeros(n, dtype=DT)
+    x_true[n // 6: n // 2] = 1.0
+    x_true[2 * n // 3: 5 * n // 6] = -0.6
+    y = A @ x_true + 0.005 * torch.randn(n, generator=gen, dtype=DT)
+    B = A + perturb * torch.randn(n, n, generator=gen, dtype=DT)
+    return ElasticNetBilevel(A, y, alpha1, alpha2, step=step, x_true=x_true, **kw), A, B
+
+
+def accurate(problem, B, x0=None, eps=1e-13):
+    """``x̂(B)`` to accuracy ``eps`` (asserted certified)."""
+    res = problem.accurate_upper(B, x0=x0, eps=eps, max_iter=500_000)[1]
+    assert res.converged
+    return res.x
+
+
+def support(x):
+    return tuple((x != 0).nonzero().flatten().tolist())
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+def test_data_matches_spec():
+    t, x, A, y = make_data(200, 0.01, 0.005, seed=0)
+    assert t[0].item() == pytest.approx(-0.995) and t[-1].item() == pytest.approx(0.995)
+    assert A.shape == (200, 200) and A[3, 10].item() == pytest.approx(math.exp(-49 / 50) / (5 * math.sqrt(2 * math.pi)))
+    # piecewise constant levels: 0, 1, 0.3, 0, 0.7, 0
+    for ti, val in ((-0.8, 0.0), (-0.55, 1.0), (-0.2, 0.3), (0.1, 0.0), (0.3, 0.7), (0.8, 0.0)):
+        i = int(torch.argmin((t - ti).abs()))
+        assert x[i].item() == pytest.approx(val)
+    noise = y - A @ x
+    assert 0.004 < noise.std().item() < 0.006
+    assert torch.equal(y, make_data(200, 0.01, 0.005, seed=0)[3])  # fixed seed
+
+
+# --------------------------------------------------------------------------------------------
+# (1) hypergradient against finite differences of f(B) = g(x̂(B))
+# --------------------------------------------------------------------------------------------
+def test_hypergradient_matches_finite_differences_on_fixed_support():
+    P, A, B = small_problem(step=1.0)  # step clamped to 1/L: fast accurate solves
+    x = accurate(P, B)
+    S = support(x)
+    assert 3 <= len(S) <= len(x) - 3, "the instance must exercise the support restriction"
+    z, q, it, ok = maid.hypergradient(P, x, B, None, 1e-13, 1000)
+    assert ok and it > 0
+    # the SPEC's formula with a dense solve on S gives the same z
+    torch.testing.assert_close(z, P.hypergradient_direct(x, B), rtol=1e-9, atol=1e-12)
+    # a wrong variant (no restriction: full (BᵀB + α₂I)v = ∇ₓg) must be detected by the same check
+    H = B.T @ B + P.alpha2 * torch.eye(len(x), dtype=DT)
+    z_wrong = -P.mixed_vjp(x, B, torch.linalg.solve(H, P.upper_grad_x(x, B)))
+
+    gen = torch.Generator().manual_seed(7)
+    hstep = 1e-6
+    wrong_detected = False
+    for _ in range(3):
+        E = torch.randn(B.shape, generator=gen, dtype=DT)
+        E /= torch.linalg.matrix_norm(E)
+        xp, xm = accurate(P, B + hstep * E, x), accurate(P, B - hstep * E, x)
+        assert support(xp) == S and support(xm) == S, "support changed under the perturbation"
+        fd = (P.upper_loss(xp, None).item() - P.upper_loss(xm, None).item()) / (2 * hstep)
+        dz = torch.sum(z * E).item()
+        assert abs(dz) > 1e-4  # a meaningful directional derivative
+        assert abs(fd - dz) / abs(dz) < 1e-3, (fd, dz)
+        wrong_detected |= abs(fd - torch.sum(z_wrong * E).item()) / abs(dz) > 1e-2
+    assert wrong_detected
+
+
+# --------------------------------------------------------------------------------------------
+# (2) the lower solver's certificate
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("warm", [False, True])
+def test_lower_certificate_bounds_the_error(warm):
+    P, A, B = small_problem(step=0.1)  # the paper's step
+    x_hat = accurate(P, B, eps=1e-14)
+    gen = torch.Generator().manual_seed(3)
+    x0 = x_hat + 0.3 * torch.randn(x_hat.shape, generator=gen, dtype=DT) if warm else torch.zeros_like(x_hat)
+    ratios = []
+    for eps in (1e-2, 1e-3, 1e-4, 1e-5, 1e-6):
+        res = P.solve_lower(B, x0, eps, 200_000)
+        assert res.converged and res.iters > 0
+        err = torch.linalg.vector_norm(res.x - x_hat).item()
+        assert err <= eps, (eps, err)
+        ratios.append(err / eps)
+        # the reported bound on dist(0, ∂h(x⁺)) divided by μ = α₂ is itself ≤ ε
+        assert res.grad_norm / P.alpha2 <= eps
+    # not vacuous: the certificate is at most ~3 orders of magnitude pessimistic here
+    assert max(ratios) > 1e-3
+
+
+def test_lower_solver_reports_the_cap():
+    P, A, B = small_problem(step=0.1)
+    x0 = torch.zeros(B.shape[1], dtype=DT)
+    res = P.solve_lower(B, x0, 1e-10, 7)
+    assert not res.converged and res.iters == 7 and P.uncertified == 1 and P.solves == 1
+    again = P.solve_lower(B, res.x, 1e-10, 7)          # continuing an uncertified solve does work
+    assert again.iters == 7 and not torch.equal(again.x, res.x)
+    assert P.solve_lower(B, x0, 1e-3, 100_000).converged
+
+
+# --------------------------------------------------------------------------------------------
+# (3) MAID on the elastic net: the accurate upper loss decreases at accepted iterates
+# --------------------------------------------------------------------------------------------
+def test_maid_decreases_the_accurately_evaluated_upper_loss():
+    P, A, _ = small_problem(step=1.0)
+    x0 = torch.zeros(A.shape[1], dtype=DT)
+    accepted = [A.clone()]
+
+    def cb(record, state):
+        if record["accepted"]:
+            accepted.append(state.theta.clone())
+
+    cfg = maid.MAIDConfig(eps0=1e-3, step0=0.1, max_iter=15, lower_max_iter=20_000, descent_check=False)
+    res = maid.maid(P, A.clone(), x0, cfg, callback=cb)
+    assert res.stop_reason in ("max_iter", "eps_min")
+    assert P.uncertified == 0  # every solve certified: the decrease test is then rigorous
+    assert len(accepted) >= 8
+    f, xw = [], None
+    for th in accepted:  # accurate f(θ), warm-started along the path
+        fa, sol = P.accurate_upper(th, x0=xw, eps=1e-12, max_iter=500_000)
+        assert sol.converged
+        f.append(fa)
+        xw = sol.x
+    for a, b in zip(f, f[1:]):
+        assert b < a, f
+    assert f[-1] < 0.5 * f[0]
+    # the logged (inexact) loss at accepted iterates is within the ε-bound of the accurate one
+    logged = [r for r in res.log if r["accepted"]]
+    for rec, fa in zip(logged, f[1:]):
+        assert abs(rec["upper_loss"] - fa) <= 1e-2 * fa
+
+
+# --------------------------------------------------------------------------------------------
+# LISTA shares the lower level: its unrolled gradient tends to the implicit hypergradient
+# --------------------------------------------------------------------------------------------
+def test_lista_gradient_tends_to_the_implicit_hypergradient():
+    P, A, B = small_problem(step=0.5)
+    x = accurate(P, B, eps=1e-14)
+    z = P.hypergradient_direct(x, B)
+    grads = {}
+    for layers in (20, 2000):
+        B_new, x_out, loss = lista_step(P, B, x, layers, lr=1.0)
+        grads[layers] = B - B_new
+        torch.testing.assert_close(x_out, x, rtol=0, atol=1e-10)  # x̂ is a fixed point of the layer
+    rel = lambda g: (torch.linalg.matrix_norm(g - z) / torch.linalg.matrix_norm(z)).item()  # noqa: E731
+    assert rel(grads[2000]) < 1e-6
+    assert rel(grads[20]) > 1e-2  # few layers: a truncated (different) gradient
+
+
+# --------------------------------------------------------------------------------------------
+# the driver's --name=value parser
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arg", ["--no_such_setting=1", "--ift_steps=2.5", "--progress=maybe", "ift_steps=3",
+                                 "--ift_steps=0"])
+def test_driver_rejects_bad_overrides(arg):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "ADP_1D.py"), arg], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in p.stderr
+
+
+def test_driver_help_lists_typed_settings():
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "ADP_1D.py"), "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0
+    assert "--ift_steps=7500  (int)" in p.stdout and "--alpha1=0.108  (float)" in p.stdout
+    assert "--maid_descent_check=False  (bool)" in p.stdout
