@@ -20,6 +20,14 @@ guarantees ``‖x̃ − x̂‖ ≤ ε``, and both report whether the iteration c
 * :func:`accelerated_gradient` — Nesterov's accelerated gradient with the momentum
   ``(t_k − 1)/t_{k+1}``, ``t_{k+1} = (1 + √(1 + 4t_k²))/2`` (no knowledge of μ needed for
   the iteration itself, only for the stopping test).
+
+Implementation (speed, see ``benchmarks/bench_core.py``): when autograd is not recording, the TV
+stencils write into preallocated buffers and fuse their products into in-place updates, the
+quadratic part of ``∇ₓh`` is one FFT pair with ``μ₀`` and ``B_bᵀy`` folded into the spectrum,
+:meth:`LowerLevel.hvp` caches the TV curvature of the last ``x`` for conjugate gradient, and
+the solver update is two fused passes (``add`` with ``alpha``, ``lerp``).  When autograd records
+a graph through the inputs, the plain formulas above run instead (differentiable, same
+values); ``tests/test_fast_paths.py`` pins the two paths together.
 """
 from __future__ import annotations
 
@@ -29,7 +37,7 @@ from typing import Callable
 
 import torch
 
-from operators import Blur, FiniteDifference
+from operators import Blur, FiniteDifference, _records_graph
 
 __all__ = ["tv_value", "tv_grad", "tv_hvp", "LowerLevel", "LowerSolve", "fista",
            "accelerated_gradient", "solve_lower"]
@@ -43,6 +51,32 @@ def _tv_weight(dh, dv, gamma):
     return torch.sqrt(dh * dh + dv * dv + gamma * gamma)
 
 
+def _inv_weight(dh, dv, gamma, scale=1.0):
+    """``scale / w = scale / sqrt(|∇x|² + γ²)`` in three passes, one allocation (no autograd)."""
+    c = 1.0 / (scale * scale)
+    t = torch.addcmul(torch.tensor(gamma * gamma * c, dtype=dh.dtype, device=dh.device), dh, dh, value=c)
+    return t.addcmul_(dv, dv, value=c).rsqrt_()
+
+
+def _sub_div_(out, ph, pv):
+    """``out += Dᵀ(ph, pv)`` in place, for fields whose last column (``ph``) / last row (``pv``)
+    is zero, as every field built from :meth:`FiniteDifference.A` here is:
+    ``Dᵀ(ph, pv) = −ph − pv + ph[·, j−1] + pv[i−1, ·]``."""
+    out.sub_(ph).sub_(pv)
+    out[..., :, 1:] += ph[..., :, :-1]
+    out[..., 1:, :] += pv[..., :-1, :]
+    return out
+
+
+def _sub_div_scaled_(out, dh, dv, a):
+    """``out += Dᵀ(a·dh, a·dv)`` in place (same zero last column/row as :func:`_sub_div_`),
+    with the products fused into the four updates instead of materialised."""
+    out.addcmul_(dh, a, value=-1).addcmul_(dv, a, value=-1)
+    out[..., :, 1:].addcmul_(dh[..., :, :-1], a[..., :, :-1])
+    out[..., 1:, :].addcmul_(dv[..., :-1, :], a[..., :-1, :])
+    return out
+
+
 def tv_value(x: torch.Tensor, gamma: float) -> torch.Tensor:
     """``R_γ(x) = Σ sqrt(|∇x|² + γ²)``."""
     dh, dv = FiniteDifference.A(x)
@@ -51,18 +85,50 @@ def tv_value(x: torch.Tensor, gamma: float) -> torch.Tensor:
 
 def tv_grad(x: torch.Tensor, gamma: float) -> torch.Tensor:
     """``∇R_γ(x) = Dᵀ(∇x / w)``."""
+    if _records_graph(x):
+        dh, dv = FiniteDifference.A(x)
+        w = _tv_weight(dh, dv, gamma)
+        return FiniteDifference.A_adjoint(dh / w, dv / w)
     dh, dv = FiniteDifference.A(x)
-    w = _tv_weight(dh, dv, gamma)
-    return FiniteDifference.A_adjoint(dh / w, dv / w)
+    return _sub_div_scaled_(torch.zeros_like(x), dh, dv, _inv_weight(dh, dv, gamma))
 
 
 def tv_hvp(x: torch.Tensor, v: torch.Tensor, gamma: float) -> torch.Tensor:
     """``∇²R_γ(x) v = Dᵀ[ Dv/w − ∇x (∇x·Dv)/w³ ]``."""
-    dh, dv = FiniteDifference.A(x)
-    w = _tv_weight(dh, dv, gamma)
+    if _records_graph(x, v):
+        dh, dv = FiniteDifference.A(x)
+        w = _tv_weight(dh, dv, gamma)
+        eh, ev = FiniteDifference.A(v)
+        s = (dh * eh + dv * ev) / (w * w)
+        return FiniteDifference.A_adjoint((eh - dh * s) / w, (ev - dv * s) / w)
+    return _tv_hvp_into(torch.zeros_like(v), _TVCurvature(x, gamma), v)
+
+
+class _TVCurvature:
+    """What ``∇²R_γ(x)`` needs from ``x``, built once per ``x`` and reused for every product
+    (conjugate gradient applies the Hessian many times at a fixed ``x``).
+
+    With ``d = ∇x`` and ``w² = |d|² + γ²``, ``∇²R_γ(x) v = Dᵀ[M e]``, ``e = Dv``, where per pixel
+    ``M = (I − ddᵀ/w²)/w = [[d_v² + γ², −d_h d_v], [−d_h d_v, d_h² + γ²]] / w³`` (symmetric 2×2,
+    written without the cancellation of ``1 − n²``); stored scaled by ``scale`` as
+    ``m11, m12, m22``."""
+
+    def __init__(self, x, gamma, scale=1.0):
+        dh, dv = FiniteDifference.A(x)
+        r3 = _inv_weight(dh, dv, gamma)
+        r3.mul_(r3.square()).mul_(scale)                                     # scale / w³
+        g2 = torch.tensor(gamma * gamma, dtype=x.dtype, device=x.device)
+        self.m11 = torch.addcmul(g2, dv, dv).mul_(r3)
+        self.m22 = torch.addcmul(g2, dh, dh).mul_(r3)
+        self.m12 = dh.mul_(dv).mul_(r3).neg_()
+
+
+def _tv_hvp_into(out, c: _TVCurvature, v):
+    """``out += scale·∇²R_γ(x) v`` in place (``c`` holds the per-``x`` quantities)."""
     eh, ev = FiniteDifference.A(v)
-    s = (dh * eh + dv * ev) / (w * w)
-    return FiniteDifference.A_adjoint((eh - dh * s) / w, (ev - dv * s) / w)
+    ph = torch.mul(eh, c.m11).addcmul_(ev, c.m12)
+    pv = ev.mul_(c.m22).addcmul_(eh, c.m12)
+    return _sub_div_(out, ph, pv)
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,8 +137,14 @@ def tv_hvp(x: torch.Tensor, v: torch.Tensor, gamma: float) -> torch.Tensor:
 class LowerLevel:
     """``h(x) = ½‖B_b x − y‖² + α R_γ(x) + (μ₀/2)‖x‖²`` for one kernel ``b`` (SPEC §1).
 
-    ``B_bᵀy`` and the kernel spectrum are computed once here, so one gradient costs one
-    forward and one inverse FFT plus the TV stencil.
+    ``B_bᵀy`` and the kernel spectrum are computed once here.  The quadratic part is applied in
+    Fourier space in one go, ``B_bᵀ(B_b x − y) + μ₀x = F⁻¹((|b̂|² + μ₀) x̂ − (B_bᵀy)^)``, so one
+    gradient costs one forward and one inverse FFT plus the TV stencil, which is accumulated
+    into the FFT output in place.  :meth:`hvp` keeps the TV curvature of the last ``x`` it saw
+    (the per-pixel 2×2 matrix ``α(I − ∇x∇xᵀ/w²)/w``; recomputed when ``x`` is another tensor or
+    was modified in place), so the repeated products of conjugate gradient at a fixed ``x`` cost
+    one FFT pair plus a short stencil.  When autograd records a graph through ``x`` (or ``v``),
+    the plain formulas are used instead, so ``grad``/``hvp`` stay differentiable.
     """
 
     def __init__(self, b: torch.Tensor, y: torch.Tensor, alpha: float, gamma: float, mu0: float = 0.0):
@@ -82,18 +154,48 @@ class LowerLevel:
         self.Bty = self.blur.A_adjoint(y)
         self.mu = self.mu0 + self.blur.min_singular_sq()
         self.L = self.blur.norm() ** 2 + FiniteDifference.NORM_SQ_BOUND * self.alpha / self.gamma + self.mu0
+        # quadratic part in Fourier space: multiplier |b̂|² + μ₀ (stored complex: a complex-by-
+        # complex product is faster than mixed real/complex) and the spectrum of B_bᵀy
+        self._quad_mult = (self.blur.power + self.mu0).to(self.blur.bhat.dtype)
+        self._neg_Bty_hat = -torch.fft.rfft2(self.Bty)
+        self._curv_key = None
+        self._curv = None
 
     def value(self, x: torch.Tensor) -> torch.Tensor:
         r = self.blur.A(x) - self.y
         return 0.5 * (r * r).sum() + self.alpha * tv_value(x, self.gamma) + 0.5 * self.mu0 * (x * x).sum()
 
+    def quadratic_grad(self, x: torch.Tensor) -> torch.Tensor:
+        """``B_bᵀ(B_b x − y) + μ₀x``, the gradient of the quadratic part of ``h``, as one FFT pair:
+        ``F⁻¹((|b̂|² + μ₀) x̂ − (B_bᵀy)^)``."""
+        if _records_graph(x):
+            return self.blur.A_adjoint_A(x) - self.Bty + self.mu0 * x
+        X = torch.addcmul(self._neg_Bty_hat, self._quad_mult, torch.fft.rfft2(x))
+        return torch.fft.irfft2(X, s=self.blur.shape)
+
     def grad(self, x: torch.Tensor) -> torch.Tensor:
         """``∇ₓh = B_bᵀ(B_b x − y) + α∇R_γ(x) + μ₀x``."""
-        return self.blur.A_adjoint_A(x) - self.Bty + self.alpha * tv_grad(x, self.gamma) + self.mu0 * x
+        if _records_graph(x):
+            return self.quadratic_grad(x) + self.alpha * tv_grad(x, self.gamma)
+        out = self.quadratic_grad(x)
+        if self.alpha == 0:
+            return out
+        dh, dv = FiniteDifference.A(x)
+        return _sub_div_scaled_(out, dh, dv, _inv_weight(dh, dv, self.gamma, self.alpha))  # += α Dᵀ(∇x/w)
 
     def hvp(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``∇²ₓₓh(x) v = B_bᵀB_b v + α∇²R_γ(x) v + μ₀v``."""
-        return self.blur.A_adjoint_A(v) + self.alpha * tv_hvp(x, v, self.gamma) + self.mu0 * v
+        if _records_graph(x, v):
+            return self.blur.A_adjoint_A(v) + self.alpha * tv_hvp(x, v, self.gamma) + self.mu0 * v
+        out = torch.fft.irfft2(self._quad_mult * torch.fft.rfft2(v), s=self.blur.shape)
+        return _tv_hvp_into(out, self._curvature(x), v)
+
+    def _curvature(self, x: torch.Tensor) -> _TVCurvature:
+        """TV curvature at ``x``, cached for the last ``x`` (same tensor object, same version)."""
+        if self._curv_key is None or self._curv_key[0] is not x or self._curv_key[1] != x._version:
+            self._curv = _TVCurvature(x, self.gamma, self.alpha)
+            self._curv_key = (x, x._version)
+        return self._curv
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,8 +230,8 @@ def _accelerated(grad: Callable, x0: torch.Tensor, L: float, tol: float, max_ite
             return LowerSolve(y, k, gn, True)
         if k == max_iter:
             return LowerSolve(y, k, gn, False)
-        x = y - g / L
-        y = x + momentum(k) * (x - x_prev)
+        x = torch.add(y, g, alpha=-1.0 / L)                 # x⁺ = y − ∇h(y)/L
+        y = torch.lerp(x_prev, x, 1.0 + momentum(k))       # y⁺ = x⁺ + β(x⁺ − x), one pass
         x_prev = x
     raise AssertionError("unreachable")
 
