@@ -61,7 +61,7 @@ _CONFIG_NAMES = [k for k, v in globals().items() if not k.startswith("_") and ty
 _PROG = "ADP.py"
 _IMAGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "images")
 
-from config import ConfigError, apply_overrides, check, fail, finite_positive  # noqa: E402
+from config import ConfigError, apply_overrides, check, fail, finite_positive, make_run_dir  # noqa: E402
 
 try:
     _overrides = apply_overrides(globals(), sys.argv[1:], _CONFIG_NAMES)
@@ -115,27 +115,6 @@ def validate(cfg: dict) -> None:
           f"unknown upper_operator {cfg['upper_operator']!r}; use one of {', '.join(UPPER_OPERATORS)}")
     check(cfg["lower_solver"] in SOLVERS, f"unknown lower_solver {cfg['lower_solver']!r}; use one of {', '.join(SOLVERS)}")
     check(cfg["dtype"] in ("float32", "float64"), f"dtype must be float32 or float64, got {cfg['dtype']!r}")
-
-
-def make_run_dir(root: str, name: str) -> str:
-    """Create a new, empty folder ``root/name`` (suffix _2, _3, … if taken); never reuse one."""
-    try:
-        os.makedirs(root, exist_ok=True)
-        probe = os.path.join(root, ".write_test")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"cannot write to results_dir {root!r} ({e.strerror}); choose another with "
-                          f"--results_dir=PATH")
-    for i in range(1, 10000):
-        path = os.path.join(root, name if i == 1 else f"{name}_{i}")
-        try:
-            os.makedirs(path)
-            return path
-        except FileExistsError:
-            continue
-    raise ConfigError(f"too many runs named {name!r} in {root!r}")
 
 
 def make_data(cfg, dev, dt):

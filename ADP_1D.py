@@ -81,68 +81,26 @@ results_dir = "Results"    # a new sub-folder 1d_<timestamp> is created here
 # ------------------------------------------------------------------
 
 
-def apply_overrides(globals_dict, argv):
-    """Apply ``--name=value`` overrides to the constants of ``globals_dict``.
+from config import ConfigError, apply_overrides, check, fail, finite_positive, make_run_dir  # noqa: E402
 
-    A constant is any global whose name does not start with ``_`` and whose value is a bool, int,
-    float or str; the value is parsed with that type (bool: true/false/1/0/yes/no; an int constant
-    needs an integer, a float constant accepts any float literal).  An unknown name, a malformed
-    argument or a value of the wrong type prints one line to stderr and exits with status 2.
-    ``-h``/``--help`` prints the constants and exits with 0.  Returns the dict of applied overrides.
-    """
-    known = {k: v for k, v in globals_dict.items()
-             if not k.startswith("_") and type(v) in (bool, int, float, str)}
-    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "ADP_1D.py"
-
-    def fail(msg):
-        print(f"{prog}: error: {msg}", file=sys.stderr)
-        sys.exit(2)
-
-    applied = {}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print("settings (override with --name=value):")
-            for k, v in known.items():
-                print(f"  --{k}={v!r}  ({type(v).__name__})")
-            sys.exit(0)
-        if not arg.startswith("--") or "=" not in arg:
-            fail(f"expected --name=value, got {arg!r}")
-        name, value = arg[2:].split("=", 1)
-        if name not in known:
-            fail(f"unknown setting {name!r} (run with --help for the list)")
-        typ = type(known[name])
-        try:
-            if typ is bool:
-                low = value.strip().lower()
-                if low in ("true", "1", "yes", "on"):
-                    new = True
-                elif low in ("false", "0", "no", "off"):
-                    new = False
-                else:
-                    raise ValueError
-            else:
-                new = typ(value)
-        except ValueError:
-            fail(f"--{name} expects a {typ.__name__}, got {value!r}")
-        globals_dict[name] = new
-        applied[name] = new
-    return applied
-
-
-_overrides = apply_overrides(globals(), sys.argv[1:])
-_config = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)}
+_CONFIG_NAMES = [k for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)]
+try:
+    _overrides = apply_overrides(globals(), sys.argv[1:], _CONFIG_NAMES)
+except ConfigError as _e:
+    fail("ADP_1D.py", _e)
+_config = {k: globals()[k] for k in _CONFIG_NAMES}
 for _k, _v in _overrides.items():
     print(f"override: {_k} = {_v!r}")
-for _k in ("n", "ift_steps", "ift_lower_max_iter", "lista_steps", "lista_layers", "maid_iters",
-           "maid_max_backtracks", "maid_lower_max_iter", "threads"):
-    if _config[_k] < 1:
-        print(f"ADP_1D.py: error: {_k} must be a positive integer, got {_config[_k]}", file=sys.stderr)
-        sys.exit(2)
-for _k in ("h", "noise", "alpha2", "lower_step", "upper_scale", "upper_step", "ift_eps", "maid_eps0",
-           "maid_eta", "maid_eps_min", "eval_eps"):
-    if not (math.isfinite(_config[_k]) and _config[_k] > 0) and not (_k == "noise" and _config[_k] == 0):
-        print(f"ADP_1D.py: error: {_k} must be a positive finite number, got {_config[_k]}", file=sys.stderr)
-        sys.exit(2)
+try:
+    for _k in ("n", "ift_steps", "ift_lower_max_iter", "lista_steps", "lista_layers", "maid_iters",
+               "maid_max_backtracks", "maid_lower_max_iter", "threads"):
+        check(_config[_k] >= 1, f"{_k} must be a positive integer, got {_config[_k]}")
+    for _k in ("h", "noise", "alpha2", "lower_step", "upper_scale", "upper_step", "ift_eps", "maid_eps0",
+               "maid_eta", "maid_eps_min", "eval_eps"):
+        finite_positive(_k, _config[_k], allow_zero=_k == "noise")
+    finite_positive("alpha1", alpha1, allow_zero=True)
+except ConfigError as _e:
+    fail("ADP_1D.py", _e)
 
 # ------------------------------------------------------------------ setup
 import matplotlib  # noqa: E402
@@ -161,21 +119,15 @@ cfg = maid.MAIDConfig(eps0=maid_eps0, step0=upper_step, rho=maid_rho, tau=maid_t
                       descent_check=maid_descent_check)
 try:  # check MAID's settings before spending minutes on IFT and LISTA
     cfg.validate()
-    if alpha1 < 0:
-        raise ValueError(f"alpha1 must be >= 0, got {alpha1}")
-except ValueError as err:
-    print(f"ADP_1D.py: error: {err}", file=sys.stderr)
-    sys.exit(2)
+except ValueError as _e:
+    fail("ADP_1D.py", _e)
 torch.set_num_threads(threads)
 torch.set_default_dtype(torch.float64)
 
-stamp = time.strftime("%Y%m%d-%H%M%S")
-out_dir = os.path.join(results_dir, f"1d_{stamp}")
-suffix = 1
-while os.path.exists(out_dir):  # never overwrite an existing folder
-    out_dir = os.path.join(results_dir, f"1d_{stamp}_{suffix}")
-    suffix += 1
-os.makedirs(out_dir)
+try:  # a new folder, never an existing one
+    out_dir = make_run_dir(results_dir, "1d_" + time.strftime("%Y%m%d-%H%M%S"))
+except ConfigError as _e:
+    fail("ADP_1D.py", _e)
 
 t_grid, x_true, A, y = make_data(n, h, noise, seed)
 x0 = torch.zeros(n)

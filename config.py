@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import ast
 import math
+import os
 import sys
 
-__all__ = ["ConfigError", "apply_overrides", "parse_value", "fail", "check"]
+__all__ = ["ConfigError", "apply_overrides", "parse_value", "fail", "check", "finite_positive", "make_run_dir"]
 
 
 class ConfigError(ValueError):
@@ -68,6 +69,11 @@ def apply_overrides(namespace: dict, argv: list[str], allowed: list[str] | None 
                    if not k.startswith("_") and type(v) in (bool, int, float, str)]
     changed = {}
     for arg in argv:
+        if arg in ("-h", "--help"):
+            print("settings (override with --name=value):")
+            for k in allowed:
+                print(f"  --{k}={namespace[k]!r}  ({type(namespace[k]).__name__})")
+            sys.exit(0)
         if not arg.startswith("--") or "=" not in arg:
             raise ConfigError(f"argument {arg!r} is not of the form --name=value "
                               f"(e.g. --setting=semiblind)")
@@ -96,3 +102,28 @@ def fail(prog: str, error: Exception, code: int = 2):
     """Print one line ``prog: error: message`` to stderr and exit with ``code``."""
     print(f"{prog}: error: {error}", file=sys.stderr)
     sys.exit(code)
+
+
+def make_run_dir(root: str, name: str) -> str:
+    """Create a new, empty folder ``root/name`` (suffix _2, _3, … if taken) and return its path.
+
+    Never reuses an existing folder, so earlier results are never overwritten; an unwritable
+    ``root`` raises :class:`ConfigError`.
+    """
+    try:
+        os.makedirs(root, exist_ok=True)
+        probe = os.path.join(root, ".write_test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"cannot write to results_dir {root!r} ({e.strerror}); choose another with "
+                          f"--results_dir=PATH")
+    for i in range(1, 10000):
+        path = os.path.join(root, name if i == 1 else f"{name}_{i}")
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"too many runs named {name!r} in {root!r}")

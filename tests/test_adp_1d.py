@@ -174,14 +174,34 @@ def test_lista_gradient_tends_to_the_implicit_hypergradient():
 # --------------------------------------------------------------------------------------------
 # the driver's --name=value parser
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arg", ["--no_such_setting=1", "--ift_steps=2.5", "--progress=maybe", "ift_steps=3",
-                                 "--ift_steps=0"])
-def test_driver_rejects_bad_overrides(arg):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "ADP_1D.py"), arg], cwd=ROOT, capture_output=True,
-                       text=True, timeout=60)
+BAD_1D = [("--no_such_setting=1", "unknown setting"), ("--ift_steps=2.5", "expected a value of type int"),
+          ("--progress=maybe", "type bool"), ("ift_steps=3", "--name=value"), ("--ift_steps=0", "ift_steps"),
+          ("--noise=-0.1", "noise"), ("--noise=nan", "noise"), ("--alpha2=0", "alpha2"),
+          ("--upper_step=-1", "upper_step"), ("--maid_eps0=0", "eps0"), ("--maid_rho=1.5", "rho"),
+          ("--maid_tau=0", "tau"), ("--maid_nu=0.9", "nu"), ("--n=0", "n must be"),
+          ("--lower_step=inf", "lower_step")]
+
+
+@pytest.mark.parametrize("arg,message", BAD_1D, ids=[a for a, _ in BAD_1D])
+def test_driver_rejects_bad_input(tmp_path, arg, message):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "earlier").mkdir()
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "ADP_1D.py"), arg, f"--results_dir={results}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in p.stderr
+    assert len(lines) == 1 and lines[0].startswith("ADP_1D.py: error:") and "Traceback" not in p.stderr
+    assert message in lines[0], lines[0]
+    assert sorted(os.listdir(results)) == ["earlier"]
+
+
+def test_driver_rejects_unwritable_results_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "ADP_1D.py"), f"--results_dir={blocker}/sub"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "cannot write to results_dir" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_driver_help_lists_typed_settings():
