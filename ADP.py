@@ -39,8 +39,8 @@ upper_operator = "learned"  # learned: A_up = B_b (the paper's 2D choice) | know
 # MAID
 upper_iter = 40            # maximum number of upper iterations
 alpha = 1.0                # initial upper-level step size α₀
-eps0 = 1.0                 # initial lower-level accuracy ε₀ (‖x̃ − x̂‖ ≤ ε, Euclidean norm over all pixels)
-delta0 = 1e-4              # initial CG accuracy δ₀ (residual norm); scaled with ε afterwards
+eps0 = 1e-2                # initial lower-level accuracy ε₀ (‖x̃ − x̂‖ ≤ ε, Euclidean norm over all pixels)
+delta0 = 1e-6              # initial CG accuracy δ₀ (absolute residual norm; ‖∇ₓg‖ ≈ 1e-4 here); scaled with ε afterwards
 threshold = 1e-3           # MAID stops when ε < threshold
 rho = 0.5                  # backtracking factor ρ
 tau = 0.5                  # accuracy decrease τ after a failed line search
@@ -60,8 +60,10 @@ resume = ""                # path to a checkpoint.pt (or its run folder) to cont
 _CONFIG_NAMES = [k for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)]
 _PROG = "ADP.py"
 _IMAGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "images")
+_MIN_SIZE = 11             # SSIM's Gaussian window (σ = 1.5) is 11×11
+_RESUME_OVERRIDES = ("results_dir", "device", "resume", "upper_iter")   # what a resumed run may change
 
-from config import ConfigError, apply_overrides, check, fail, finite_positive, make_run_dir  # noqa: E402
+from config import ConfigError, apply_overrides, check, fail, finite_positive, make_run_dir, valid_seed  # noqa: E402
 
 try:
     _overrides = apply_overrides(globals(), sys.argv[1:], _CONFIG_NAMES)
@@ -94,8 +96,10 @@ def validate(cfg: dict) -> None:
     check(cfg["setting"] in SETTINGS, f"unknown setting {cfg['setting']!r}; use one of {', '.join(SETTINGS)}")
     check(cfg["kernel_size"] > 0 and cfg["kernel_size"] % 2 == 1,
           f"kernel_size must be a positive odd integer, got {cfg['kernel_size']} (try --kernel_size=5)")
-    check(cfg["size_x"] > 0 and cfg["size_y"] > 0,
-          f"image size must be positive, got size_x={cfg['size_x']}, size_y={cfg['size_y']}")
+    check(cfg["size_x"] >= _MIN_SIZE and cfg["size_y"] >= _MIN_SIZE,
+          f"image size must be at least {_MIN_SIZE}×{_MIN_SIZE} (the SSIM window), got size_x={cfg['size_x']}, "
+          f"size_y={cfg['size_y']}")
+    valid_seed(cfg["seed"])
     check(cfg["kernel_size"] <= min(cfg["size_x"], cfg["size_y"]),
           f"kernel_size={cfg['kernel_size']} is larger than the image ({cfg['size_y']}×{cfg['size_x']}); "
           f"use a smaller kernel or a larger image")
@@ -147,9 +151,12 @@ try:
             _saved = _checkpoint["config"]
         except Exception as e:  # noqa: BLE001  (any unreadable file)
             raise ConfigError(f"{_path!r} is not a readable ADP.py checkpoint ({type(e).__name__})")
-        _keep = {"results_dir", "device", "resume"}
-        globals().update({k: v for k, v in _saved.items() if k not in _keep and k not in _overrides})
-        globals().update({k: v for k, v in _overrides.items() if k in _keep or k == "upper_iter"})
+        _other = sorted(set(_overrides) - set(_RESUME_OVERRIDES))
+        check(not _other, f"--resume continues a run with its saved settings; only "
+                          f"{', '.join('--' + k for k in _RESUME_OVERRIDES)} may be given with it, not "
+                          f"{', '.join('--' + k for k in _other)} (start a new run to change them)")
+        globals().update({k: v for k, v in _saved.items() if k not in ("results_dir", "device", "resume")
+                          and k not in _overrides})
     cfg = current_config()
     validate(cfg)
     dev = resolve_device(device)
@@ -183,6 +190,10 @@ except KeyboardInterrupt:
           f"only config.json)", file=sys.stderr)
     sys.exit(130)
 _t_base = time.perf_counter() - _t0
+if base.status == "non_finite":
+    print(f"ADP.py: error: the TV baseline met NaN/Inf after {base.iters} iterations; check tv_weight, tv_smoothing "
+          f"and mu0 (and the image)", file=sys.stderr)
+    sys.exit(1)
 if not base.converged:
     print(f"warning: TV baseline hit its iteration cap ({base.iters}) with ‖∇h‖ = {base.grad_norm:.3g} "
           f"> μ ε = {problem.lower(b0).mu * baseline_eps:.3g}", file=sys.stderr)

@@ -14,7 +14,7 @@ import math
 import os
 import sys
 
-__all__ = ["ConfigError", "apply_overrides", "parse_value", "fail", "check", "finite_positive", "make_run_dir"]
+__all__ = ["ConfigError", "apply_overrides", "parse_value", "fail", "check", "finite_positive", "valid_seed", "make_run_dir"]
 
 
 class ConfigError(ValueError):
@@ -96,6 +96,11 @@ def check(condition: bool, message: str) -> None:
 def finite_positive(name: str, value: float, allow_zero: bool = False) -> None:
     ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     check(ok, f"{name} must be a {'non-negative' if allow_zero else 'positive'} finite number, got {value!r}")
+
+
+def valid_seed(value: int) -> None:
+    """torch's generators take seeds in [0, 2⁶³)."""
+    check(0 <= value < 2**63, f"seed must be an integer in [0, 2**63), got {value}")
 
 
 def fail(prog: str, error: Exception, code: int = 2):

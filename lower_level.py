@@ -153,7 +153,8 @@ class LowerLevel:
         self.alpha, self.gamma, self.mu0 = float(alpha), float(gamma), float(mu0)
         self.Bty = self.blur.A_adjoint(y)
         self.mu = self.mu0 + self.blur.min_singular_sq()
-        self.L = self.blur.norm() ** 2 + FiniteDifference.NORM_SQ_BOUND * self.alpha / self.gamma + self.mu0
+        nb = self.blur.norm()          # nb * nb (not nb ** 2): a huge kernel gives L = inf, not OverflowError
+        self.L = nb * nb + FiniteDifference.NORM_SQ_BOUND * self.alpha / self.gamma + self.mu0
         # quadratic part in Fourier space: multiplier |b̂|² + μ₀ (stored complex: a complex-by-
         # complex product is faster than mixed real/complex) and the spectrum of B_bᵀy
         self._quad_mult = (self.blur.power + self.mu0).to(self.blur.bhat.dtype)
@@ -211,6 +212,13 @@ class LowerSolve:
     grad_norm: float
     converged: bool
 
+    @property
+    def status(self) -> str:
+        """``'converged'``, ``'max_iter'`` (cap hit, finite iterate) or ``'non_finite'`` (NaN/Inf met)."""
+        if self.converged:
+            return "converged"
+        return "max_iter" if math.isfinite(self.grad_norm) else "non_finite"
+
 
 def _accelerated(grad: Callable, x0: torch.Tensor, L: float, tol: float, max_iter: int,
                  momentum: Callable[[int], float]) -> LowerSolve:
@@ -266,4 +274,6 @@ def solve_lower(h: LowerLevel, x0: torch.Tensor, eps: float, max_iter: int, solv
     """Solve ``min h`` to accuracy ``‖x̃ − x̂‖ ≤ ε`` via the test ``‖∇ₓh(x̃)‖ ≤ μ ε``, warm-started at ``x0``."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown lower-level solver {solver!r}; use one of {', '.join(SOLVERS)}")
+    if not (math.isfinite(h.L) and math.isfinite(h.mu)):      # kernel too large for the dtype
+        return LowerSolve(torch.full_like(x0, math.nan), 0, math.inf, False)
     return SOLVERS[solver](h.grad, x0, h.L, h.mu, h.mu * eps, max_iter)

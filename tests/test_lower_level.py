@@ -74,6 +74,20 @@ def test_iteration_cap_is_reported():
     h, y = _small_problem()
     res = solve_lower(h, torch.zeros_like(y), 1e-12, 5)
     assert not res.converged and res.iters == 5 and res.grad_norm > h.mu * 1e-12
+    assert res.status == "max_iter"
+
+
+def test_non_finite_is_reported_apart_from_the_cap():
+    """A NaN in the data and a kernel too large for the dtype end as 'non_finite', not 'max_iter'."""
+    h, y = _small_problem()
+    bad = y.clone()
+    bad[0, 3, 4] = float("nan")
+    res = solve_lower(LowerLevel(h.blur.b, bad, 0.05, 0.05, 1e-2), y, 1e-3, 50)
+    assert res.status == "non_finite" and not res.converged
+    huge = LowerLevel(1e200 * motion_kernel(3, channels=2, dtype=torch.float64), y, 0.05, 0.05, 1e-2)
+    assert huge.L == float("inf")                     # no OverflowError
+    res = solve_lower(huge, y, 1e-3, 50)
+    assert res.status == "non_finite" and res.iters == 0
 
 
 def test_unknown_solver_rejected():
