@@ -23,6 +23,17 @@ Error-bound constants (SPEC §3; closed form, circular boundaries, all documente
 * ``L_{H⁻¹} = L_H/μ²`` with ``L_H = 48√8 α/γ²`` (third derivative of ``sqrt(|v|²+γ²)`` is at
   most ``6/γ²``, ``‖D‖² ≤ 8``).  These worst-case bounds are loose for images (ω ≫ ‖z‖);
   the 2D driver logs ω but does not tighten on it (see README).
+* direct partial (only ``A_up = B_b``; 0 for the known operator, whose ``∂_b g`` is the H¹ term
+  alone): ``L_{θx} = (2/n)(‖C_r‖ + ‖B_b‖ ‖C_x‖)`` (= (2/n) × the ``‖J‖`` bound) and
+  ``L'_{θx} = (4/n) k ‖B_b‖``, so that ``‖∂_b g(x̃) − ∂_b g(x̂)‖ ≤ L_{θx} ε + ½L'_{θx} ε²``.
+  Derivation: ``∂_b g(x) = β∇H¹ + (2/n) K(x)ᵀ(B_b x − y)`` with ``K(u): δ ↦ B_δ u`` (block
+  diagonal over channels: each channel has its own kernel).  With ``e = x̃ − x̂``, exactly
+  ``∂_b g(x̃) − ∂_b g(x̂) = (2/n)[K(e)ᵀr + K(x̃)ᵀB_b e − K(e)ᵀB_b e]``, ``r = B_b x̃ − y``;
+  ``‖K(e)ᵀr‖ ≤ ‖C_r‖‖e‖`` (``⟨B_δ e, r⟩ = ⟨e, B_{δ̃} r⟩`` with ``δ̃`` the flipped kernel, an
+  isometry of the centred k×k support), ``‖K(x̃)ᵀB_b e‖ ≤ ‖C_x‖‖B_b‖‖e‖`` and
+  ``‖K(e)ᵀB_b e‖ ≤ k‖B_b‖‖e‖²`` (Young, per channel).  ``‖C_r‖ ≤ k‖r‖`` and ``‖C_x‖ ≤ k‖x̃‖``
+  (each of the k² columns of ``C_u`` is a circular shift of ``u``), so this is at least as
+  tight as ``(2/n) k (‖r‖ + ‖B_b‖‖x̃‖ + ‖B_b‖ε) ε``.
 """
 from __future__ import annotations
 
@@ -91,13 +102,20 @@ class ADPBetaProblem(BilevelProblem):
         return grad
 
     def error_constants(self, x, b):
+        """Closed-form constants of MAID's ω at ``(x̃, b)`` (see the module docstring).
+
+        With the learned operator, ``∂_b g`` depends on ``x`` and its error enters ω through
+        ``L_{θx} = (2/n)(‖C_r‖ + ‖B_b‖‖C_x̃‖)`` and ``L'_{θx} = (4/n)k‖B_b‖``; with the known
+        operator both are 0.
+        """
         h = self.lower(b)
         Bn = h.blur.norm()
         r = h.blur.A(x) - self.y
         J = conv_operator_norm(r, self.k) + Bn * conv_operator_norm(x, self.k)
         L_H = 48 * math.sqrt(8) * self.alpha / self.gamma**2
+        L_gt, L_gt_jac = ((2 / self.n) * J, (4 / self.n) * self.k * Bn) if self.learned else (0.0, 0.0)
         return ErrorConstants(mu=h.mu, L_g=2 / self.n * self._A_up(b).norm() ** 2, J_norm=J,
-                              L_J=2 * self.k * Bn, L_Hinv=L_H / h.mu**2)
+                              L_J=2 * self.k * Bn, L_Hinv=L_H / h.mu**2, L_gtheta=L_gt, L_gtheta_jac=L_gt_jac)
 
     def metrics(self, x, b):
         return {} if self.metrics_fn is None else self.metrics_fn(x)

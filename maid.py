@@ -15,9 +15,11 @@ This module knows nothing about images.  A problem is any object implementing
 ``mixed_vjp(x, theta, q)``
     ``∇²_{θx}h(x, θ)ᵀ q = ∂_θ⟨∇ₓh(x, θ), q⟩`` (one vector-Jacobian product, shape of θ).
 ``error_constants(x, theta) -> ErrorConstants``
-    ``μ``, ``L_g``, ``‖J‖``, ``L_J``, ``L_{H⁻¹}``.  ``L_g`` (Lipschitz constant of ``∇ₓg`` in x) is
-    **required**: the sufficient-decrease test uses it.  The others only enter the bound ``ω``
-    of the descent check; use ``math.inf`` for any you cannot bound (ω is then ∞ and logged so).
+    ``μ``, ``L_g``, ``‖J‖``, ``L_J``, ``L_{H⁻¹}`` and, when ``g`` depends on θ directly through a
+    term that also depends on x, ``L_{θx}`` and ``L'_{θx}`` (both default 0).  ``L_g`` (Lipschitz
+    constant of ``∇ₓg`` in x) is **required**: the sufficient-decrease test uses it.  The others
+    only enter the bound ``ω`` of the descent check; use ``math.inf`` for any you cannot bound
+    (ω is then ∞ and logged so).
 
 Optional: ``solve_adjoint(x, theta, rhs, q0, delta, max_iter)`` (default: conjugate gradient
 on ``hessian_vp``) and ``metrics(x, theta) -> dict`` (extra columns of the log, e.g. PSNR).
@@ -54,13 +56,27 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class ErrorConstants:
-    """Constants of the a-posteriori bound ω (SPEC §3) at the current point."""
+    """Constants of the a-posteriori bound ω (SPEC §3) at the current point ``(x̃, θ)``.
+
+    ``L_gtheta`` and ``L_gtheta_jac`` bound the error of the direct partial ``∇_θg`` (see
+    :func:`error_bound`): together they must satisfy, for every ``x`` with ``‖x − x̃‖ ≤ ε``,
+
+        ‖∇_θg(x̃, θ) − ∇_θg(x, θ)‖ ≤ L_{θx} ε + ½ L'_{θx} ε²,
+
+    e.g. ``L_{θx} ≥ ‖∂ₓ∇_θg(x̃, θ)‖`` and ``L'_{θx}`` a Lipschitz constant of ``x ↦ ∂ₓ∇_θg(x, θ)``
+    (Taylor), or ``L_{θx}`` a global Lipschitz constant of ``x ↦ ∇_θg(x, θ)`` and ``L'_{θx} = 0``.
+    ``L_{θx} + ½L'_{θx}ε`` is thus a Lipschitz constant of ``x ↦ ∇_θg(x, θ)`` between ``x̃`` and the
+    ε-ball around it.  Both default to 0, which is exact when ``∇_θg`` does not depend on ``x``
+    (``g`` independent of θ, or only through a penalty on θ alone).
+    """
 
     mu: float        # strong convexity of h in x
     L_g: float       # Lipschitz constant of ∇ₓg in x
     J_norm: float    # ‖J‖, J = ∂_θ∇ₓh(x̃, θ)
     L_J: float       # Lipschitz constant of J in x
     L_Hinv: float    # Lipschitz constant of x ↦ ∇²ₓₓh(x, θ)⁻¹
+    L_gtheta: float = 0.0      # L_{θx}: ‖∂ₓ∇_θg(x̃, θ)‖ (or a Lipschitz constant of x ↦ ∇_θg(x, θ))
+    L_gtheta_jac: float = 0.0  # L'_{θx}: Lipschitz constant of x ↦ ∂ₓ∇_θg(x, θ)
 
 
 class BilevelProblem:
@@ -134,10 +150,24 @@ def hypergradient(problem, x, theta, q0, delta: float, cg_max_iter: int):
 
 
 def error_bound(eps: float, delta: float, c: ErrorConstants, grad_x_g_norm: float) -> float:
-    """``ω(ε, δ) = c ε + (‖J‖/μ) δ + (L_J L_g/μ) ε²`` with
-    ``c = L_g‖J‖/μ + L_{H⁻¹}‖∇ₓg(x̃)‖‖J‖ + L_J‖∇ₓg(x̃)‖/μ`` — a bound on ``‖z − ∇f(θ)‖``."""
+    """A bound on ``‖z − ∇f(θ)‖`` when ``‖x̃ − x̂(θ)‖ ≤ ε`` and the CG residual is ``≤ δ``:
+
+        ω(ε, δ) = c ε + (‖J‖/μ) δ + (L_J L_g/μ) ε²  +  L_{θx} ε + ½ L'_{θx} ε²,
+        c = L_g‖J‖/μ + L_{H⁻¹}‖∇ₓg(x̃)‖‖J‖ + L_J‖∇ₓg(x̃)‖/μ.
+
+    With ``z = ∇_θg(x̃) − J(x̃)ᵀq̃`` and ``∇f = ∇_θg(x̂) − J(x̂)ᵀq̂`` (``q̂ = ∇²ₓₓh(x̂)⁻¹∇ₓg(x̂)``),
+
+        z − ∇f = [∇_θg(x̃) − ∇_θg(x̂)] − [J(x̃)ᵀ(q̃ − q̂) + (J(x̃) − J(x̂))ᵀq̂].
+
+    The first three terms (the MAID paper's ω) bound the second bracket.  The last two bound the
+    first bracket, the error of the direct partial ``∇_θg`` (:class:`ErrorConstants`): it is zero
+    when ``g`` depends on θ only through a penalty on θ alone (then ``L_{θx} = L'_{θx} = 0`` and ω
+    is the paper's), but not when the upper level uses a θ-dependent operator on ``x`` — ADP-β
+    with ``A_up = B_b`` — where leaving it out makes ω too small to be a bound.
+    """
     cc = c.L_g * c.J_norm / c.mu + c.L_Hinv * grad_x_g_norm * c.J_norm + c.L_J * grad_x_g_norm / c.mu
-    return cc * eps + c.J_norm / c.mu * delta + c.L_J * c.L_g / c.mu * eps**2
+    direct = c.L_gtheta * eps + 0.5 * c.L_gtheta_jac * eps**2
+    return cc * eps + c.J_norm / c.mu * delta + c.L_J * c.L_g / c.mu * eps**2 + direct
 
 
 def sufficient_decrease(g_new: float, gx_new_norm: float, L_g_new: float,
@@ -247,7 +277,7 @@ class _Counter:
     def lower(self, theta, x0, eps):
         res = self.p.solve_lower(theta, x0, eps, self.cfg.lower_max_iter)
         self.s.lower_iters += res.iters
-        if not res.converged:
+        if res.status == "max_iter":          # a non-finite solve is not a cap hit: the caller handles it
             if self.s.lower_cap_hits == 0:
                 warnings.warn(f"a lower-level solve stopped at lower_max_iter={self.cfg.lower_max_iter} before "
                               f"certifying ‖x̃ − x̂‖ ≤ ε={eps:.3g}; the sufficient-decrease test is not rigorous for "
@@ -305,7 +335,11 @@ def maid(problem, theta0: torch.Tensor | None = None, x0: torch.Tensor | None = 
         x, q, x_eps = s.x, s.q, s.x_eps
         while True:
             if x_eps is None or x_eps > s.eps:
-                x, x_eps = count.lower(theta, x, s.eps).x, s.eps
+                low = count.lower(theta, x, s.eps)
+                if low.status == "non_finite":
+                    stop = "non_finite"
+                    break
+                x, x_eps = low.x, s.eps
             z, q = count.hypergradient(x, theta, q, s.delta)
             if not _finite(x, z, q):
                 stop = "non_finite"
@@ -332,10 +366,14 @@ def maid(problem, theta0: torch.Tensor | None = None, x0: torch.Tensor | None = 
         for i in range(1 if fixed_step else cfg.max_backtracks):
             step = s.step * cfg.rho**i
             cand = theta - step * z
-            low_new = count.lower(cand, x, s.eps)
-            g_new, gx_new, Lg_new = _upper_terms(problem, low_new.x, cand)
             backtracks = i
-            if not _finite(low_new.x, g_new):
+            if not _finite(cand):                       # a non-finite trial point is a failed trial
+                continue
+            low_new = count.lower(cand, x, s.eps)
+            if low_new.status == "non_finite" or not _finite(low_new.x):
+                continue
+            g_new, gx_new, Lg_new = _upper_terms(problem, low_new.x, cand)
+            if not math.isfinite(g_new):
                 continue
             if fixed_step or sufficient_decrease(g_new, gx_new, Lg_new, g_old, gx_old, Lg_old,
                                                  s.eps, cfg.eta, step, zn):

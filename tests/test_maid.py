@@ -6,8 +6,8 @@ import torch
 
 from adp_problem import ADPBetaProblem
 from lower_level import LowerSolve, fista, tv_grad, tv_hvp, tv_value
-from maid import (BilevelProblem, ErrorConstants, MAIDConfig, conjugate_gradient, hypergradient, inexact_gradient_descent, maid,
-                  sufficient_decrease)
+from maid import (BilevelProblem, ErrorConstants, MAIDConfig, conjugate_gradient, error_bound, hypergradient,
+                  inexact_gradient_descent, maid, sufficient_decrease)
 from operators import Blur, gaussian_kernel, motion_kernel
 
 torch.set_default_dtype(torch.float64)
@@ -159,33 +159,66 @@ def test_accepted_candidate_is_not_solved_again():
     assert len(calls) == expected and any(acc) and not all(acc)
 
 
+class ShiftedQuadratic(BilevelProblem):
+    """f(θ) = ½(x̂ − 5)² with x̂ = θ (h(x, θ) = ½(x − θ)²): a scalar problem to probe MAID's
+    handling of NaN/Inf; subclasses break one piece."""
+
+    def solve_lower(self, theta, x0, eps, max_iter):
+        return LowerSolve(theta.clone(), 1, 0.0, True)
+
+    def upper_loss(self, x, theta):
+        return 0.5 * ((x - 5) ** 2).sum()
+
+    def upper_grad_x(self, x, theta):
+        return x - 5
+
+    def hessian_vp(self, x, theta, v):
+        return v
+
+    def mixed_vjp(self, x, theta, q):
+        return -q
+
+    def error_constants(self, x, theta):
+        return ErrorConstants(1.0, 1.0, 1.0, 0.0, 0.0)
+
+
 def test_non_finite_hypergradient_stops_and_keeps_last_good_state():
-    class Exploding(BilevelProblem):
-        """f(θ) = ½(x̂ − 5)², x̂ = θ; the mixed term (so the hypergradient) is NaN once x > 2."""
-
-        def solve_lower(self, theta, x0, eps, max_iter):
-            return LowerSolve(theta.clone(), 1, 0.0, True)
-
-        def upper_loss(self, x, theta):
-            return 0.5 * ((x - 5) ** 2).sum()
-
-        def upper_grad_x(self, x, theta):
-            return x - 5
-
-        def hessian_vp(self, x, theta, v):
-            return v
+    class Exploding(ShiftedQuadratic):
+        """The mixed term (so the hypergradient) is NaN once x > 2."""
 
         def mixed_vjp(self, x, theta, q):
             return torch.where(x > 2, torch.full_like(q, math.nan), -q)
-
-        def error_constants(self, x, theta):
-            return ErrorConstants(1.0, 1.0, 1.0, 0.0, 0.0)
 
     res = maid(Exploding(), torch.tensor([0.0]), torch.tensor([0.0]),
                MAIDConfig(step0=1.0, nu_step=1.0, descent_check=False, max_iter=50, eps0=1e-3))
     assert res.stop_reason == "non_finite"
     assert len(res.log) == 1 and res.log[0]["accepted"]          # θ: 0 → 5, then z(5) = NaN
     assert res.theta.item() == 5.0 and torch.isfinite(res.x).all()
+
+
+def test_non_finite_trial_point_is_a_failed_trial_not_a_stop():
+    """A line-search trial whose lower solve ends non-finite (or whose θ is Inf) is rejected and
+    the search backtracks; it does not stop MAID or raise."""
+    class Overflowing(ShiftedQuadratic):
+        """Like the ADP lower level: an Inf θ raises (operators.check_kernel), and for |θ| > 20
+        the solve 'overflows' (status non_finite) although the x it returns is finite (and even
+        looks optimal), as when FISTA meets a NaN gradient at a finite point."""
+
+        def solve_lower(self, theta, x0, eps, max_iter):
+            if not torch.isfinite(theta).all():
+                raise ValueError("kernel contains NaN or Inf")
+            if theta.abs().max() > 20:
+                return LowerSolve(torch.full_like(theta, 5.0), 0, math.nan, False)
+            return super().solve_lower(theta, x0, eps, max_iter)
+
+    cfg = MAIDConfig(step0=10.0, rho=0.5, max_backtracks=5, descent_check=False, max_iter=3, eps0=1e-3)
+    res = maid(Overflowing(), torch.tensor([0.0]), torch.tensor([0.0]), cfg)
+    first = res.log[0]        # trials θ = 50, 25 (non-finite), 12.5 (f rises), 6.25 (accepted)
+    assert first["accepted"] and first["backtracks"] == 3 and first["lower_cap_hits"] == 0
+    assert res.stop_reason == "max_iter" and abs(res.log[0]["upper_loss"] - 0.5 * 1.25**2) < 1e-12
+    z0 = torch.tensor([0.0], dtype=torch.float64)                     # θ − 1e308·z overflows to −Inf
+    res = maid(Overflowing(), z0, z0.clone(), MAIDConfig(step0=1e308, descent_check=False, max_iter=1, eps0=1e-3))
+    assert not res.log[0]["accepted"] and res.log[0]["backtracks"] == cfg.max_backtracks - 1
 
 
 # ------------------------------------------------------------------------------------------
@@ -240,3 +273,83 @@ def test_maid_learns_tv_weight_through_the_interface():
     a_fin = res.theta.item()
     assert f(a_fin) < f(a0)
     assert abs(a_fin - a_best) < 0.02, (a_fin, a_best)
+
+
+# ------------------------------------------------------------------------------------------
+# the a-posteriori bound ω and the direct partial ∂_b g of the learned upper operator
+# ------------------------------------------------------------------------------------------
+def _omega_parts(p, x, b, eps, delta):
+    """``(ω, ω without the direct-partial term L_{θx}ε + ½L'_{θx}ε², the constants)``."""
+    c = p.error_constants(x, b)
+    gxn = torch.linalg.vector_norm(p.upper_grad_x(x, b)).item()
+    c0 = ErrorConstants(c.mu, c.L_g, c.J_norm, c.L_J, c.L_Hinv)
+    return error_bound(eps, delta, c, gxn), error_bound(eps, delta, c0, gxn), c
+
+
+@pytest.mark.parametrize("upper_operator", ["learned", "known"])
+@pytest.mark.parametrize("C,k", [(1, 3), (3, 5)])
+def test_error_bound_holds_for_certified_lower_solve(upper_operator, C, k):
+    """z at a loose (ε, δ) (lower level stopped by its certificate ‖∇ₓh‖ ≤ με, CG at residual δ)
+    against ∇f from a lower level and CG solved to ~1e-12: ‖z − ∇f‖ ≤ ω.  The direct-partial
+    term of ω is positive for A_up = B_b and exactly 0 for A_up = A."""
+    p, y, b0, _ = _deblur_problem(upper_operator, C=C, H=16, W=16, k=k)
+    b = b0 + 0.05 * _rand(*b0.shape, seed=3)
+    _, x_hat = _f(p, b, y)
+    grad_f, _, _, ok = hypergradient(p, x_hat, b, None, 1e-12, 100000)
+    assert ok
+    for eps, delta in [(1e-1, 1e-1), (1e-2, 1e-3)]:
+        low = p.solve_lower(b, y, eps, 100000)
+        assert low.converged and torch.linalg.vector_norm(low.x - x_hat) <= eps
+        z, _, _, ok = hypergradient(p, low.x, b, None, delta, 100000)
+        assert ok
+        err = torch.linalg.vector_norm(z - grad_f).item()
+        omega, omega_paper, c = _omega_parts(p, low.x, b, eps, delta)
+        assert err <= omega, (err, omega)
+        if upper_operator == "learned":
+            assert c.L_gtheta > 0 and c.L_gtheta_jac > 0
+            assert omega - omega_paper >= c.L_gtheta * eps > 0
+        else:
+            assert c.L_gtheta == 0 and c.L_gtheta_jac == 0 and omega == omega_paper
+
+
+@pytest.mark.parametrize("C,k", [(1, 3), (3, 5)])
+def test_error_bound_needs_direct_partial_term_for_learned_operator(C, k):
+    """ω must hold for every x̃ with ‖x̃ − x̂‖ ≤ ε.  Take x̃ = x̂ + ε v with v the direction in which
+    ∂_b g(·, b) changes most (power iteration on its Jacobian), CG solved exactly (δ ≈ 0), and a
+    strongly convex lower level (μ₀ = 100, small α/γ²) so that the paper's terms of ω are small:
+    then ‖z − ∇f‖ exceeds ω without the term L_{θx}ε + ½L'_{θx}ε² many times over, while the full
+    ω still bounds it.  Also checks the closed-form constants against the actual error of ∂_b g."""
+    from torch.autograd.functional import jvp, vjp
+    g = torch.Generator().manual_seed(0)
+    H = W = 16
+    x_true = torch.rand(C, H, W, generator=g)
+    y = Blur(gaussian_kernel(k, 0.7, channels=C, dtype=torch.float64), (H, W)).A(x_true) \
+        + 0.01 * torch.randn(C, H, W, generator=g)
+    b0 = motion_kernel(k, channels=C, dtype=torch.float64)
+    p = ADPBetaProblem(y, b0, alpha=2e-3, gamma=0.1, beta=1e-3, mu0=100.0, upper_operator="learned")
+    b = b0 + 0.05 * _rand(*b0.shape, seed=3)
+    _, x_hat = _f(p, b, y)
+    grad_f, _, _, ok = hypergradient(p, x_hat, b, None, 1e-13, 100000)
+    assert ok
+
+    def dgtheta(x):
+        return p.upper_grad_theta(x, b)
+
+    v = _rand(*x_hat.shape, seed=5)
+    for _ in range(30):                       # power iteration on GᵀG, G = ∂ₓ∂_b g(x̂, b)
+        v = v / torch.linalg.vector_norm(v)
+        _, Gv = jvp(dgtheta, x_hat, v)
+        _, v = vjp(dgtheta, x_hat, Gv)
+    v = v / torch.linalg.vector_norm(v)
+    eps, delta = 1e-2, 1e-12
+    x_t = x_hat + (eps - 1e-10) * v           # ‖x̃ − x̂(b)‖ ≤ ε (x̂ itself is accurate to 1e-11)
+    z, _, _, ok = hypergradient(p, x_t, b, None, delta, 100000)
+    assert ok
+    err = torch.linalg.vector_norm(z - grad_f).item()
+    omega, omega_paper, c = _omega_parts(p, x_t, b, eps, delta)
+    # the closed-form constants bound the error of the direct partial, and nearly sharply here
+    d_err = torch.linalg.vector_norm(dgtheta(x_t) - dgtheta(x_hat)).item()
+    d_bound = c.L_gtheta * eps + 0.5 * c.L_gtheta_jac * eps**2
+    assert 0.5 * d_bound < d_err <= d_bound, (d_err, d_bound)
+    assert err > 5 * omega_paper, (err, omega_paper)     # the paper's ω alone is not a bound here
+    assert err <= omega, (err, omega)
