@@ -34,7 +34,7 @@ mu0 = 1e-2                 # μ₀, Tikhonov term making h strongly convex for e
 lower_solver = "fista"     # fista | agd
 lower_iter = 3000          # cap on lower-level iterations per solve (hits are counted and reported)
 # upper level  g(x, b) = ‖A_up x − y‖²/n + beta ‖b − b₀‖²_{H¹}
-beta = 1e-2                # β, weight of the H¹ kernel penalty (grid search, see README)
+beta = 0.1                 # β, weight of the H¹ kernel penalty (grid search, see README)
 upper_operator = "learned"  # learned: A_up = B_b (the paper's 2D choice) | known: A_up = B_{b₀}
 # MAID
 upper_iter = 40            # maximum number of upper iterations
@@ -81,8 +81,7 @@ import figures  # noqa: E402
 from adp_problem import UPPER_OPERATORS, ADPBetaProblem  # noqa: E402
 from lower_level import SOLVERS, solve_lower  # noqa: E402
 from maid import MAIDConfig, MAIDState, maid  # noqa: E402
-from operators import Blur, make_kernel  # noqa: E402
-from imaging import load_image, psnr_ssim, resolve_device  # noqa: E402
+from imaging import make_data, psnr_ssim, resolve_device  # noqa: E402
 
 SETTINGS = ("motion", "gaussian", "disc", "semiblind")
 
@@ -121,22 +120,6 @@ def validate(cfg: dict) -> None:
     check(cfg["dtype"] in ("float32", "float64"), f"dtype must be float32 or float64, got {cfg['dtype']!r}")
 
 
-def make_data(cfg, dev, dt):
-    """Ground truth, known kernel b₀, data y = (true blur) x + noise (noise drawn on the CPU)."""
-    x_true = load_image(cfg["image"], cfg["size_y"], cfg["size_x"], cfg["channels"], _IMAGES).to(dev, dt)
-    shape = (cfg["size_y"], cfg["size_x"])
-    kind = "motion" if cfg["setting"] == "semiblind" else cfg["setting"]
-    b0 = make_kernel(kind, cfg["kernel_size"], cfg["channels"], sigma=cfg["blur_sigma"], dtype=dt, device=dev)
-    blurred = Blur(b0, shape).A(x_true)
-    if cfg["setting"] == "semiblind":   # unknown extra Gaussian after the known motion blur
-        g = make_kernel("gaussian", 5 if cfg["kernel_size"] >= 5 else cfg["kernel_size"], cfg["channels"],
-                        sigma=cfg["semiblind_sigma"], dtype=dt, device=dev)
-        blurred = Blur(g, shape).A(blurred)
-    gen = torch.Generator().manual_seed(cfg["seed"])
-    noise = torch.randn(x_true.shape, generator=gen, dtype=torch.float64).to(dev, dt)
-    return x_true, b0, blurred + cfg["noise_level"] * noise
-
-
 # ------------------------------------------------------------------------------------------
 # 1. configuration, checkpoint, data
 # ------------------------------------------------------------------------------------------
@@ -161,7 +144,7 @@ try:
     validate(cfg)
     dev = resolve_device(device)
     dt = getattr(torch, dtype)
-    x_true, b0, y = make_data(cfg, dev, dt)
+    x_true, b0, y = make_data(cfg, _IMAGES, dev, dt)
     run_dir = make_run_dir(results_dir, time.strftime("%Y%m%d-%H%M%S") + f"_{setting}_{os.path.splitext(os.path.basename(image))[0]}")
 except ConfigError as e:
     fail(_PROG, e)

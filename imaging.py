@@ -4,6 +4,8 @@
   grey or RGB in [0, 1], resized with anti-aliasing (scikit-image) to ``height × width``.
 * :func:`psnr_ssim` — PSNR from deepinv's metric and SSIM from scikit-image
   (``data_range = 1``, Gaussian-weighted, colour axis last), both on the estimate clipped to [0, 1].
+* :func:`setting_kernels`, :func:`make_data` — the blur settings of SPEC §4.2 and the data
+  ``y = (true blur) x + noise`` (used by ``ADP.py`` and ``benchmarks/grid_search.py``).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from config import ConfigError
+from operators import Blur, make_kernel
 
 _SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -46,6 +49,33 @@ def load_image(name: str, height: int, width: int, channels: int, images_dir: st
         a = a[..., None]
     a = resize(a, (height, width, a.shape[2]), anti_aliasing=True, mode="reflect")
     return torch.from_numpy(np.ascontiguousarray(np.clip(a, 0, 1).transpose(2, 0, 1)))
+
+
+def setting_kernels(cfg: dict, dtype=torch.float64, device=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(b₀, blurs)`` for ``cfg["setting"]``: the known kernel ``b₀`` and the kernels that make the
+    data, applied in order.  ``motion``/``gaussian``/``disc``: ``[b₀]``; ``semiblind``: ``b₀`` is the
+    motion kernel and the data get an unknown Gaussian (σ = ``semiblind_sigma``, size
+    ``min(5, kernel_size)``) after it."""
+    kind = "motion" if cfg["setting"] == "semiblind" else cfg["setting"]
+    b0 = make_kernel(kind, cfg["kernel_size"], cfg["channels"], sigma=cfg["blur_sigma"], dtype=dtype, device=device)
+    if cfg["setting"] != "semiblind":
+        return b0, [b0]
+    g = make_kernel("gaussian", min(5, cfg["kernel_size"]), cfg["channels"], sigma=cfg["semiblind_sigma"],
+                    dtype=dtype, device=device)
+    return b0, [b0, g]
+
+
+def make_data(cfg: dict, images_dir: str, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_true, b₀, y)``: the image, the known kernel and ``y = (true blur) x_true + σ·N(0, I)``
+    (noise drawn on the CPU in float64 from ``cfg["seed"]``, so data agree across devices)."""
+    x_true = load_image(cfg["image"], cfg["size_y"], cfg["size_x"], cfg["channels"], images_dir).to(device, dtype)
+    b0, blurs = setting_kernels(cfg, dtype, device)
+    y = x_true
+    for b in blurs:
+        y = Blur(b, x_true.shape[-2:]).A(y)
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    noise = torch.randn(x_true.shape, generator=gen, dtype=torch.float64).to(device, dtype)
+    return x_true, b0, y + cfg["noise_level"] * noise
 
 
 _PSNR = None

@@ -6,14 +6,13 @@ Run from anywhere (CPU, one thread by default; about 4–7 minutes depending on 
     python benchmarks/grid_search.py            # full grid
     python benchmarks/grid_search.py --quick    # smaller grid (smoke test), ~1 minute
 
-Data.  Exactly ADP.py's data: the function ``make_data`` is taken from ADP.py's source (parsed
-with ``ast`` and compiled here; ADP.py itself is a script and is not imported or run) and fed
-ADP.py's own constants (also parsed from its source), with only the image size set to
+Data.  Exactly ADP.py's data: ``imaging.make_data``, the function ADP.py calls, fed ADP.py's own
+constants (parsed from its source with ``ast``: ADP.py is a script and is not imported or run),
+with only the image size set to
 128×128 and ``image``/``setting`` varied.  So: RGB, σ = 5/255, seed 0, 5×5 diagonal motion
 kernel b₀, and for 'semiblind' an extra unknown 5×5 Gaussian (σ = 0.5) after the motion blur.
 
-Precision.  Everything runs on the CPU in **float64** (``--dtype``; ADP.py's default is float32,
-which it also offers as ``--dtype=float64``).  Reason: the lower-level stopping test is
+Precision.  Everything runs on the CPU in **float64** (``--dtype``; ADP.py's default too).  Reason: the lower-level stopping test is
 ``‖∇h‖ ≤ μ ε`` with μ ≈ μ₀ = 0.01 (the 5×5 motion kernel's spectrum has zeros), and in float32
 ‖∇h‖ stalls at a rounding floor (measured at 3×128²: ~3e-5 for α = 0.005, γ = 0.01, up to
 ~6e-4 for α = 0.08, γ = 0.003), so ε below ~3e-3 … 6e-2 cannot be certified: (a)'s TV solves
@@ -40,7 +39,8 @@ b₀ (the (a) solve at the chosen (α, γ)), their difference, the relative kern
 iterations and iteration-cap hits.  For 'semiblind' the table also gives the TV reconstruction
 with the *true* 9×9 kernel (motion ∗ Gaussian, an oracle no 5×5 kernel can reach exactly), i.e.
 how much a better kernel could gain at most.  The (β, α₀) with the best mean ADP PSNR over the
-runs is chosen.  A run counts as beating the baseline only if its PSNR exceeds the baseline's by
+runs is chosen among those in which MAID accepts at least one step (where none is accepted,
+ADP.py would return b₀ and its main job would show nothing).  A run counts as beating the baseline only if its PSNR exceeds the baseline's by
 more than ``--margin`` dB (0.05 dB: differences below that are at the level of the
 lower-level accuracy ε); the script says plainly when no run does.
 
@@ -61,10 +61,10 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from adp_problem import ADPBetaProblem  # noqa: E402
-from imaging import load_image, psnr_ssim  # noqa: E402
+from imaging import make_data, psnr_ssim, setting_kernels  # noqa: E402
 from lower_level import solve_lower  # noqa: E402
 from maid import MAIDConfig, maid  # noqa: E402
-from operators import Blur, make_kernel  # noqa: E402
+from operators import Blur  # noqa: E402
 
 ADP_PATH = os.path.join(ROOT, "ADP.py")
 IMAGES_DIR = os.path.join(ROOT, "images")
@@ -81,7 +81,7 @@ QUICK = dict(tv_weight=(0.005, 0.01, 0.02), tv_smoothing=(0.01, 0.03),
 
 
 # --------------------------------------------------------------------------------------------
-# ADP.py's constants and make_data, read from its source (ADP.py runs on import)
+# ADP.py's constants, read from its source (ADP.py runs on import)
 # --------------------------------------------------------------------------------------------
 def _const(node):
     """Value of a constant expression (numbers, strings, bools, + − * / ** and unary minus)."""
@@ -99,12 +99,11 @@ def _const(node):
     raise ValueError("not a constant expression")
 
 
-def adp_defaults_and_make_data():
-    """``(constants, make_data)`` of ADP.py: its top-level ``name = <constant>`` assignments and
-    its ``make_data(cfg, dev, dt)`` function compiled against the same modules ADP.py uses."""
+def adp_defaults() -> dict:
+    """ADP.py's top-level ``name = <constant>`` assignments."""
     with open(ADP_PATH, encoding="utf-8") as f:
         tree = ast.parse(f.read(), ADP_PATH)
-    consts, func = {}, None
+    consts = {}
     for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             name = node.targets[0].id
@@ -113,25 +112,18 @@ def adp_defaults_and_make_data():
                     consts[name] = _const(node.value)
                 except ValueError:
                     pass
-        elif isinstance(node, ast.FunctionDef) and node.name == "make_data":
-            func = node
-    if func is None:
-        raise SystemExit(f"grid_search: no make_data() found in {ADP_PATH}")
-    namespace = {"torch": torch, "load_image": load_image, "make_kernel": make_kernel, "Blur": Blur,
-                 "_IMAGES": IMAGES_DIR}
-    exec(compile(ast.Module(body=[func], type_ignores=[]), ADP_PATH, "exec"), namespace)
-    return consts, namespace["make_data"]
+    return consts
 
 
 def true_kernel(cfg, b0, dt):
     """The kernel that made the data: b₀ for 'motion'; for 'semiblind' the full (2k−1)×(2k−1)
     convolution of the Gaussian with b₀ (as in make_data), computed with the same circular blur on
     a (2k−1)² grid, which is exact because the full convolution fits that grid."""
-    if cfg["setting"] != "semiblind":
+    blurs = setting_kernels(cfg, dt)[1]
+    if len(blurs) == 1:
         return b0
-    k = cfg["kernel_size"]
-    kg = 5 if k >= 5 else k
-    g = make_kernel("gaussian", kg, cfg["channels"], sigma=cfg["semiblind_sigma"], dtype=dt)
+    g = blurs[1]
+    k, kg = cfg["kernel_size"], g.shape[-1]
     n = k + kg - 1
     pad = torch.zeros(b0.shape[0], n, n, dtype=dt)
     o = (n - k) // 2
@@ -160,7 +152,7 @@ def main():
     grid = QUICK if args.quick else FULL
     t_start = time.perf_counter()
 
-    adp, make_data = adp_defaults_and_make_data()
+    adp = adp_defaults()
     dt, dev = getattr(torch, args.dtype), torch.device("cpu")
     mu0, solver, eps_base = adp["mu0"], adp["lower_solver"], adp["baseline_eps"]
 
@@ -172,7 +164,7 @@ def main():
     def data(image, setting):
         if (image, setting) not in cases:
             cfg = dict(adp, image=image, setting=setting, size_x=SIZE, size_y=SIZE)
-            x_true, b0, y = make_data(cfg, dev, dt)
+            x_true, b0, y = make_data(cfg, IMAGES_DIR, dev, dt)
             cases[(image, setting)] = (cfg, x_true, b0, y)
         return cases[(image, setting)]
 
@@ -242,7 +234,7 @@ def main():
             oracle[(s, im)] = (p, q)
         else:
             if s == "semiblind":   # check that the oracle kernel really is the one that made the data
-                clean = make_data(dict(cfg, noise_level=0.0), dev, dt)[2]
+                clean = make_data(dict(cfg, noise_level=0.0), IMAGES_DIR, dev, dt)[2]
                 err = (Blur(bt, (SIZE, SIZE)).A(x_true) - clean).abs().max().item()
                 assert err < 1e-5, f"oracle kernel does not reproduce the data (max error {err:.2e})"
             prob = ADPBetaProblem(y, bt, alpha_tv, gamma_tv, adp["beta"], mu0, adp["upper_operator"], solver=solver)
@@ -302,11 +294,12 @@ def main():
             print(f"{fmt(beta):>7s} {fmt(a0):>6s} | {mp:7.3f} {mean_tv:7.3f} {mp - mean_tv:+10.3f} "
                   f"{max(r['dp'] for r in rs):+9.3f} {sum(r['dq'] for r in rs) / len(rs):+10.4f} "
                   f"{sum(r['dk'] for r in rs) / len(rs):14.3g} {wins:>2d}/{len(rs):<2d}")
-    # ties (identical mean PSNR, e.g. runs in which MAID accepted no step) go to the smaller β, then the
-    # larger α₀: the least constrained setting that is as good
-    beta_best, a0_best = max(summary, key=lambda k: (round(summary[k], 6), -k[0], k[1]))
+    # only settings in which the kernel moves (MAID accepted a step in some run): otherwise ADP.py's
+    # main job would return b₀ and show nothing; ties go to the smaller β, then the larger α₀
+    moving = [k for k in summary if any(runs[(k[0], k[1], s, im)]["acc"] for s, im in cases_b)] or list(summary)
+    beta_best, a0_best = max(moving, key=lambda k: (round(summary[k], 6), -k[0], k[1]))
     total_wins = sum(r["dp"] > args.margin for r in runs.values())
-    print(f"(b) best mean ADP PSNR: beta={fmt(beta_best)} alpha={fmt(a0_best)} ({summary[(beta_best, a0_best)]:.3f} dB "
+    print(f"(b) best mean ADP PSNR where the kernel moves: beta={fmt(beta_best)} alpha={fmt(a0_best)} ({summary[(beta_best, a0_best)]:.3f} dB "
           f"vs TV baseline {mean_tv:.3f} dB, {summary[(beta_best, a0_best)] - mean_tv:+.3f} dB)")
     rs = [runs[(beta_best, a0_best, s, im)] for s, im in cases_b]
     print(f"    at the chosen (beta, alpha0) MAID accepted {sum(r['acc'] for r in rs)} of {sum(r['its'] for r in rs)} "

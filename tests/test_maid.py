@@ -196,6 +196,22 @@ def test_non_finite_hypergradient_stops_and_keeps_last_good_state():
     assert res.theta.item() == 5.0 and torch.isfinite(res.x).all()
 
 
+def test_descent_check_tightens_by_tau_until_omega_below_z():
+    """ShiftedQuadratic has ω = ε + δ and ‖z‖ = |θ − 5| = 5 at θ = 0: from ε₀ = δ₀ = 8 the check
+    must re-solve at ε = 8, 4, 2 (ω = 16, 8, 4) and stop at the first ω ≤ (1 − η)‖z‖."""
+    p = ShiftedQuadratic()
+    calls = []
+    solve = p.solve_lower
+    p.solve_lower = lambda *a: calls.append(a[2]) or solve(*a)
+    cfg = MAIDConfig(eps0=8.0, delta0=8.0, tau=0.5, nu=1.05, step0=1.0, max_iter=1, descent_check=True,
+                     max_tightenings=10)
+    r = maid(p, torch.tensor([0.0]), torch.tensor([0.0]), cfg).log[0]
+    assert r["tightenings"] == 2 and r["descent_ok"]
+    assert calls[:3] == [8.0, 4.0, 2.0] and r["omega"] == pytest.approx(4.0)
+    factor = 1.05 if r["accepted"] else 0.5                # then ν or τ on the tightened accuracies
+    assert r["eps"] == pytest.approx(2.0 * factor) and r["delta"] == pytest.approx(2.0 * factor)
+
+
 def test_non_finite_trial_point_is_a_failed_trial_not_a_stop():
     """A line-search trial whose lower solve ends non-finite (or whose θ is Inf) is rejected and
     the search backtracks; it does not stop MAID or raise."""
