@@ -9,6 +9,7 @@ bottom: check the configuration, make the data, solve the TV baseline with the k
 b₀, run MAID on the kernel, write figures and logs into a new folder under results_dir.
 """
 import os
+import shutil
 import signal
 import sys
 import time
@@ -132,8 +133,11 @@ try:
         try:
             _checkpoint = torch.load(_path, map_location="cpu", weights_only=False)
             _saved = _checkpoint["config"]
+            if not (isinstance(_saved, dict) and isinstance(_checkpoint.get("state"), dict)):
+                raise TypeError("no config/state dictionaries")
         except Exception as e:  # noqa: BLE001  (any unreadable file)
-            raise ConfigError(f"{_path!r} is not a readable ADP.py checkpoint ({type(e).__name__})")
+            raise ConfigError(f"{_path!r} is not a readable ADP.py checkpoint ({type(e).__name__}); give the "
+                              f"checkpoint.pt that ADP.py wrote")
         _other = sorted(set(_overrides) - set(_RESUME_OVERRIDES))
         check(not _other, f"--resume continues a run with its saved settings; only "
                           f"{', '.join('--' + k for k in _RESUME_OVERRIDES)} may be given with it, not "
@@ -173,7 +177,8 @@ except KeyboardInterrupt:
           f"only config.json)", file=sys.stderr)
     sys.exit(130)
 _t_base = time.perf_counter() - _t0
-if base.status == "non_finite":
+if base.status == "non_finite":   # nothing worth keeping: remove the run folder made above (config.json only)
+    shutil.rmtree(run_dir, ignore_errors=True)
     print(f"ADP.py: error: the TV baseline met NaN/Inf after {base.iters} iterations; check tv_weight, tv_smoothing "
           f"and mu0 (and the image)", file=sys.stderr)
     sys.exit(1)

@@ -7,7 +7,9 @@ This module knows nothing about images.  A problem is any object implementing
 
 ``solve_lower(theta, x0, eps, max_iter) -> LowerSolve``
     an ``x̃`` with ``‖x̃ − x̂(θ)‖ ≤ ε`` (warm-started at ``x0``), iterations used, and whether
-    the accuracy was certified (``converged=False`` means the cap was hit: MAID counts it).
+    the accuracy was certified: ``LowerSolve.status`` is ``'converged'``, ``'max_iter'`` (cap hit,
+    finite ``grad_norm``: MAID counts it as ``lower_cap_hits`` and warns) or ``'non_finite'``
+    (non-finite ``grad_norm``: a line-search trial then fails; at the current θ MAID stops).
 ``upper_loss(x, theta)``, ``upper_grad_x(x, theta)``, ``upper_grad_theta(x, theta)``
     ``g``, ``∇ₓg`` and the direct partial ``∂_θg`` (zero when g does not depend on θ directly).
 ``hessian_vp(x, theta, v)``

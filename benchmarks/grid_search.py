@@ -1,10 +1,10 @@
 """Grid search for the defaults of ADP.py: ``tv_weight`` (α), ``tv_smoothing`` (γ) and ``beta`` (β),
 plus the initial MAID step ``alpha`` (α₀).
 
-Run from anywhere (CPU, one thread by default; about 4–7 minutes depending on the load of the shared machine)::
+Run from anywhere (CPU, one thread by default; about 3 minutes, more on a loaded machine)::
 
     python benchmarks/grid_search.py            # full grid
-    python benchmarks/grid_search.py --quick    # smaller grid (smoke test), ~1 minute
+    python benchmarks/grid_search.py --quick    # smaller grid (smoke test), ~30 seconds
 
 Data.  Exactly ADP.py's data: ``imaging.make_data``, the function ADP.py calls, fed ADP.py's own
 constants (parsed from its source with ``ast``: ADP.py is a script and is not imported or run),
@@ -15,7 +15,7 @@ kernel b₀, and for 'semiblind' an extra unknown 5×5 Gaussian (σ = 0.5) after
 Precision.  Everything runs on the CPU in **float64** (``--dtype``; ADP.py's default too).  Reason: the lower-level stopping test is
 ``‖∇h‖ ≤ μ ε`` with μ ≈ μ₀ = 0.01 (the 5×5 motion kernel's spectrum has zeros), and in float32
 ‖∇h‖ stalls at a rounding floor (measured at 3×128²: ~3e-5 for α = 0.005, γ = 0.01, up to
-~6e-4 for α = 0.08, γ = 0.003), so ε below ~3e-3 … 6e-2 cannot be certified: (a)'s TV solves
+~6e-4 for α = 0.08, γ = 0.003, a point of an earlier, wider grid), so ε below ~3e-3 … 6e-2 cannot be certified: (a)'s TV solves
 with large α/γ run to their cap, and MAID, whose ε falls towards ``threshold`` = 1e-3, spends
 ``lower_iter`` = 3000 iterations on every lower solve near the end (measured: 2–4× the run time
 of the same MAID run in float64).  In float64 all these solves converge.  A float32 run of the same
@@ -140,7 +140,7 @@ def fmt(v):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smaller grid (~1–2 minutes)")
+    ap.add_argument("--quick", action="store_true", help="smaller grid (~30 seconds)")
     ap.add_argument("--upper-iter", type=int, default=15, help="MAID upper iterations per run in (b) (ADP.py: 40)")
     ap.add_argument("--cap", type=int, default=3000, help="iteration cap of the TV solves in (a)")
     ap.add_argument("--dtype", default="float64", choices=("float64", "float32"),

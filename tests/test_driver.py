@@ -14,7 +14,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# small enough to be quick, and set so that the kernel moves: every one of the 4 steps is accepted
+# small enough to be quick, and set so that the kernel moves (steps are accepted; the test asserts ≥ 2)
 SMALL = ["--size_x=48", "--size_y=40", "--upper_iter=4", "--device=cpu", "--alpha=30", "--eps0=1e-4",
          "--threshold=1e-6"]
 FILES = ["comparison.png", "kernels.png", "convergence.png", "iterations.png", "log.csv", "config.json",
@@ -210,3 +210,31 @@ def test_resume_refuses_changed_settings(small_run, tmp_path):
     q = run([f"--resume={ckpt}", "--beta=5", f"--results_dir={tmp_path}"])
     assert q.returncode == 2 and "--resume continues a run" in q.stderr and "--beta" in q.stderr
     assert "Traceback" not in q.stderr and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("payload", [{"config": 3, "state": {}}, {"config": {}}, [1, 2]], ids=["config", "state", "list"])
+def test_resume_from_a_malformed_checkpoint_is_one_line(tmp_path, payload):
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save(payload, ckpt)
+    out = tmp_path / "out"
+    p = run([f"--resume={ckpt}", f"--results_dir={out}"])
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "not a readable ADP.py checkpoint" in lines[0], p.stderr
+    assert not out.exists()
+
+
+def test_non_finite_tv_baseline_is_an_error_and_leaves_no_folder(tmp_path):
+    """γ = 1e-320 (subnormal) makes 1/w overflow: the TV baseline meets Inf at once."""
+    p = run(SMALL + ["--tv_smoothing=1e-320", f"--results_dir={tmp_path}"])
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 1 and len(lines) == 1 and "TV baseline met NaN/Inf" in lines[0], p.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_outputs_get_the_usual_file_permissions(small_run):
+    out, p = small_run
+    umask = os.umask(0)
+    os.umask(umask)
+    run_dir = p.stdout.strip().splitlines()[-1]
+    for f in FILES:
+        assert os.stat(os.path.join(run_dir, f)).st_mode & 0o777 == 0o666 & ~umask, f
