@@ -58,13 +58,16 @@ device = "auto"            # auto (cuda, then mps, then cpu) | cpu | cuda | cuda
 dtype = "float64"          # float64 | float32 (float32: ‖∇h‖ stalls near 1e-5, solves hit lower_iter; see README)
 resume = ""                # path to a checkpoint.pt (or its run folder) to continue an interrupted run
 # ------------------------------------------------------------------------------------------
-_CONFIG_NAMES = [k for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)]
 _PROG = "ADP.py"
 _IMAGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "images")
 _MIN_SIZE = 11             # SSIM's Gaussian window (σ = 1.5) is 11×11
-_RESUME_OVERRIDES = ("results_dir", "device", "resume", "upper_iter")   # what a resumed run may change
+_RUN_LOCAL = ("results_dir", "device", "resume")        # never taken from a checkpoint's saved config
+_RESUME_OVERRIDES = _RUN_LOCAL + ("upper_iter",)        # what a resumed run may change
 
-from config import ConfigError, apply_overrides, check, fail, finite_positive, make_run_dir, valid_seed  # noqa: E402
+from config import (ConfigError, apply_overrides, check, fail, finite_positive, make_run_dir,  # noqa: E402
+                    setting_names, valid_seed)
+
+_CONFIG_NAMES = setting_names(globals())   # the constants above, in order
 
 try:
     _overrides = apply_overrides(globals(), sys.argv[1:], _CONFIG_NAMES)
@@ -142,8 +145,7 @@ try:
         check(not _other, f"--resume continues a run with its saved settings; only "
                           f"{', '.join('--' + k for k in _RESUME_OVERRIDES)} may be given with it, not "
                           f"{', '.join('--' + k for k in _other)} (start a new run to change them)")
-        globals().update({k: v for k, v in _saved.items() if k not in ("results_dir", "device", "resume")
-                          and k not in _overrides})
+        globals().update({k: v for k, v in _saved.items() if k not in _RUN_LOCAL and k not in _overrides})
     cfg = current_config()
     validate(cfg)
     dev = resolve_device(device)

@@ -79,9 +79,10 @@ results_dir = "Results"    # a new sub-folder 1d_<timestamp> is created here
 # ------------------------------------------------------------------
 
 
-from config import ConfigError, apply_overrides, check, fail, finite_positive, make_run_dir, valid_seed  # noqa: E402
+from config import (ConfigError, apply_overrides, check, fail, finite_positive, make_run_dir,  # noqa: E402
+                    setting_names, valid_seed)
 
-_CONFIG_NAMES = [k for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)]
+_CONFIG_NAMES = setting_names(globals())   # the constants above, in order
 try:
     _overrides = apply_overrides(globals(), sys.argv[1:], _CONFIG_NAMES)
 except ConfigError as _e:
@@ -139,15 +140,16 @@ def make_problem(**kw):
 
 problem = make_problem()
 f_init, sol_init = problem.accurate_upper(A, eps=eval_eps)
+err_init = torch.linalg.vector_norm(sol_init.x - x_true).item()   # ‖x̂(A) − x_true‖
 print(f"data: n={n}, noise={noise}, seed={seed}; g = {upper_scale:g}·½‖Ax − y‖²; "
-      f"f(A) = {f_init:.6g}, ‖x̂(A) − x_true‖ = {torch.linalg.vector_norm(sol_init.x - x_true).item():.4f}")
+      f"f(A) = {f_init:.6g}, ‖x̂(A) − x_true‖ = {err_init:.4f}")
 print(f"results: {out_dir}")
 
 
 def progress_callback(total, desc):
     bar = tqdm(total=total, desc=desc, disable=not progress, mininterval=0.5, dynamic_ncols=True)
 
-    def cb(record, *state):
+    def cb(record, state):
         bar.update(1)
         if record["iter"] % 25 == 0:
             bar.set_postfix(loss=f"{record['upper_loss']:.4g}", refresh=False)
@@ -239,7 +241,7 @@ ax = axes[0, 0]
 ax.plot(tt, x_true.numpy(), "k", lw=2, label="truth $x$")
 ax.plot(tt, y.numpy(), ".", color="gray", ms=3, label="data $y$")
 ax.plot(tt, sol_init.x.numpy(), "--", color="tab:red", lw=1.2,
-        label=f"elastic net, $B=A$ (error {torch.linalg.vector_norm(sol_init.x - x_true).item():.3f})")
+        label=f"elastic net, $B=A$ (error {err_init:.3f})")
 ax.set_title("truth, noisy data and the elastic net with $B = A$")
 ax.legend(fontsize=8)
 for ax, name in zip(axes.flat[1:], names):
@@ -256,15 +258,22 @@ fig.suptitle("1D ADP: reconstructions")
 fig.tight_layout()
 figures.save_figure(fig, os.path.join(out_dir, "reconstructions.png"))
 
-mats = [("A (known)", A)] + [(f"B, {labels[k]}", runs[k]["B"]) for k in names]
-fig, axes = plt.subplots(2, 4, figsize=(18, 8.5), layout="constrained")
-for ax, (title, m) in zip(axes[0], mats):  # each its own symmetric colour scale
+
+
+def signed_heat_map(fig, ax, m, title):
+    """``m`` as a heat map with its own symmetric colour scale."""
     v = m.abs().max().item() or 1.0
     im = ax.imshow(m.numpy(), cmap="RdBu_r", vmin=-v, vmax=v)
     ax.set_title(title)
     ax.set_xlabel("column j")
     ax.set_ylabel("row i")
     fig.colorbar(im, ax=ax, shrink=0.8)
+
+
+mats = [("A (known)", A)] + [(f"B, {labels[k]}", runs[k]["B"]) for k in names]
+fig, axes = plt.subplots(2, 4, figsize=(18, 8.5), layout="constrained")
+for ax, (title, m) in zip(axes[0], mats):
+    signed_heat_map(fig, ax, m, title)
 ax = axes[1, 0]
 mid = n // 2
 ax.plot(A[mid].numpy(), "k", lw=2, label="A")
@@ -276,12 +285,7 @@ ax.grid(alpha=0.3)
 ax.legend(fontsize=8)
 for ax, k in zip(axes[1, 1:], names):
     d = runs[k]["B"] - A
-    v = d.abs().max().item() or 1.0
-    im = ax.imshow(d.numpy(), cmap="RdBu_r", vmin=-v, vmax=v)
-    ax.set_title(f"B − A, {labels[k]} (‖B − A‖_F = {torch.linalg.matrix_norm(d).item():.3g})")
-    ax.set_xlabel("column j")
-    ax.set_ylabel("row i")
-    fig.colorbar(im, ax=ax, shrink=0.8)
+    signed_heat_map(fig, ax, d, f"B − A, {labels[k]} (‖B − A‖_F = {torch.linalg.matrix_norm(d).item():.3g})")
 fig.suptitle("forward operator A and the learned operators B (top), B − A (bottom); own colour scale per panel")
 figures.save_figure(fig, os.path.join(out_dir, "operators.png"))
 

@@ -14,7 +14,8 @@ import math
 import os
 import sys
 
-__all__ = ["ConfigError", "apply_overrides", "parse_value", "fail", "check", "finite_positive", "valid_seed", "make_run_dir"]
+__all__ = ["ConfigError", "apply_overrides", "parse_value", "fail", "check", "finite_positive", "valid_seed", "make_run_dir",
+           "setting_names"]
 
 
 class ConfigError(ValueError):
@@ -58,15 +59,20 @@ def parse_value(name: str, text: str, default):
                       f"(default {default!r})")
 
 
+def setting_names(namespace: dict) -> list[str]:
+    """A driver's settings: every name in ``namespace`` of type bool, int, float or str that does
+    not start with ``_`` (in definition order)."""
+    return [k for k, v in namespace.items() if not k.startswith("_") and type(v) in (bool, int, float, str)]
+
+
 def apply_overrides(namespace: dict, argv: list[str], allowed: list[str] | None = None) -> dict:
     """Apply ``--name=value`` arguments to ``namespace`` (a driver's ``globals()``).
 
-    ``allowed`` lists the overridable names (default: every constant of type bool, int, float
-    or str not starting with ``_``).  Returns the dict of names that were overridden.
+    ``allowed`` lists the overridable names (default: :func:`setting_names`).  Returns the dict
+    of names that were overridden.
     """
     if allowed is None:
-        allowed = [k for k, v in namespace.items()
-                   if not k.startswith("_") and type(v) in (bool, int, float, str)]
+        allowed = setting_names(namespace)
     changed = {}
     for arg in argv:
         if arg in ("-h", "--help"):

@@ -82,10 +82,13 @@ def make_data(n: int = 200, h: float = 0.01, noise: float = 0.005, seed: int = 0
 # --------------------------------------------------------------------------------------------
 # the lower level: one proximal-gradient step (shared by the solver and by LISTA)
 # --------------------------------------------------------------------------------------------
-def pg_operators(B: torch.Tensor, y: torch.Tensor, alpha1: float, alpha2: float, step: float):
+def pg_operators(B: torch.Tensor, y: torch.Tensor, alpha1: float, alpha2: float, step: float,
+                 BtB: torch.Tensor | None = None):
     """``(M, c, λ)`` of one ISTA step ``x ↦ S_λ(Mx + c)`` on the elastic net with step ``t``:
-    ``M = (1 − tα₂)I − tBᵀB``, ``c = tBᵀy``, ``λ = tα₁`` (differentiable in ``B``: LISTA uses it)."""
-    M = (1 - step * alpha2) * torch.eye(B.shape[1], dtype=B.dtype, device=B.device) - step * (B.T @ B)
+    ``M = (1 − tα₂)I − tBᵀB``, ``c = tBᵀy``, ``λ = tα₁`` (differentiable in ``B``: LISTA uses it).
+    ``BtB``: ``BᵀB`` if the caller has it already."""
+    BtB = B.T @ B if BtB is None else BtB
+    M = (1 - step * alpha2) * torch.eye(B.shape[1], dtype=B.dtype, device=B.device) - step * BtB
     return M, step * (B.T @ y), step * alpha1
 
 
@@ -98,15 +101,13 @@ def prox_grad_step(x: torch.Tensor, M: torch.Tensor, c: torch.Tensor, lam: float
 
 def _sym_norm_bound(M: torch.Tensor) -> float:
     """``‖M‖₂ ≤ ‖M‖_∞`` for symmetric ``M`` (max absolute row sum)."""
-    return M.abs().sum(dim=1).max().item()
+    return torch.linalg.matrix_norm(M, ord=math.inf).item()
 
 
 def _spectral_norm_bound(B: torch.Tensor) -> float:
     """``‖B‖₂ ≤ min(‖B‖_F, √(‖B‖₁‖B‖_∞))`` — a cheap upper bound (no SVD in the loops)."""
-    fro = torch.linalg.matrix_norm(B).item()
-    one = B.abs().sum(dim=0).max().item()
-    inf = B.abs().sum(dim=1).max().item()
-    return min(fro, math.sqrt(one * inf))
+    norm = lambda o: torch.linalg.matrix_norm(B, ord=o).item()  # noqa: E731
+    return min(norm("fro"), math.sqrt(norm(1) * norm(math.inf)))
 
 
 class ElasticNetBilevel(BilevelProblem):
@@ -149,9 +150,10 @@ class ElasticNetBilevel(BilevelProblem):
     def lower_operators(self, theta):
         """``(M, c, λ, L, t)``: the proximal-gradient map ``x ↦ S_λ(Mx + c)`` (:func:`pg_operators`) for
         the step actually used ``t = min(step, 1/L)``, with ``L = ‖BᵀB‖_∞ + α₂ ≥ ‖BᵀB‖₂ + α₂``."""
-        L = _sym_norm_bound(theta.T @ theta) + self.alpha2
+        BtB = theta.T @ theta
+        L = _sym_norm_bound(BtB) + self.alpha2
         t = min(self.step, 1.0 / L)
-        M, c, lam = pg_operators(theta, self.y, self.alpha1, self.alpha2, t)
+        M, c, lam = pg_operators(theta, self.y, self.alpha1, self.alpha2, t, BtB)
         return M, c, lam, L, t
 
     def solve_lower(self, theta, x0, eps: float, max_iter: int) -> LowerSolve:
@@ -199,7 +201,10 @@ class ElasticNetBilevel(BilevelProblem):
 
     def hessian_vp(self, x, theta, v) -> torch.Tensor:
         """``P_S (BᵀB + α₂I) P_S v`` — the Hessian of ``h`` in ``x_S`` (zero rows/columns off ``S``)."""
-        m = self.support(x)
+        return self._restricted_hessian_vp(theta, self.support(x), v)
+
+    def _restricted_hessian_vp(self, theta, m, v) -> torch.Tensor:
+        """``P_S (BᵀB + α₂I) P_S v`` with ``m`` the 0/1 indicator of ``S``."""
         mv = m * v
         return m * (theta.T @ (theta @ mv) + self.alpha2 * mv)
 
@@ -208,7 +213,7 @@ class ElasticNetBilevel(BilevelProblem):
         warm-started at ``P_S q0`` (``q0`` may be ``None`` or live on an older support)."""
         m = self.support(x)
         q0 = None if q0 is None else m * q0
-        return conjugate_gradient(lambda v: self.hessian_vp(x, theta, v), m * rhs, q0, delta, max_iter)
+        return conjugate_gradient(lambda v: self._restricted_hessian_vp(theta, m, v), m * rhs, q0, delta, max_iter)
 
     def mixed_vjp(self, x, theta, q) -> torch.Tensor:
         """``∂_B⟨∇ₓh(x, B), q⟩ = ∂_B⟨Bx − y, Bq⟩ = (Bx − y)qᵀ + (Bq)xᵀ`` (the ℓ₁ and α₂ terms do not
@@ -283,7 +288,8 @@ def lista_step(problem: ElasticNetBilevel, B: torch.Tensor, x0: torch.Tensor, la
 def run_lista(problem: ElasticNetBilevel, B0, x0, steps: int, layers: int, lr: float, callback=None):
     """``steps`` LISTA steps from ``(B0, x0)``, output fed back.  Log per step: ``upper_loss`` (the
     training loss at ``B_k``), cumulative ``lower_iters`` (``layers`` per step) and wall ``time``
-    (callback excluded).  ``callback(record)`` returning ``True`` stops early.
+    (callback excluded).  ``callback(record, None)`` (MAID's callback signature; LISTA has no
+    MAID state) returning ``True`` stops early.
     Returns ``(B, x, log, stop_reason)``; a non-finite loss stops with ``'non_finite'``, keeping the
     last finite ``(B, x)``."""
     B, x, log, elapsed = B0.clone(), x0.clone(), [], 0.0
@@ -297,6 +303,6 @@ def run_lista(problem: ElasticNetBilevel, B0, x0, steps: int, layers: int, lr: f
         rec = dict(iter=k + 1, upper_loss=loss, lower_iters=(k + 1) * layers, time=elapsed)
         rec.update(problem.metrics(x, B))
         log.append(rec)
-        if callback is not None and callback(rec):
+        if callback is not None and callback(rec, None):
             return B, x, log, "callback"
     return B, x, log, "max_iter"

@@ -89,8 +89,13 @@ def tv_grad(x: torch.Tensor, gamma: float) -> torch.Tensor:
         dh, dv = FiniteDifference.A(x)
         w = _tv_weight(dh, dv, gamma)
         return FiniteDifference.A_adjoint(dh / w, dv / w)
+    return _add_tv_grad_(torch.zeros_like(x), x, gamma)
+
+
+def _add_tv_grad_(out, x, gamma, scale=1.0):
+    """``out += scale·∇R_γ(x) = scale·Dᵀ(∇x/w)`` in place (no autograd)."""
     dh, dv = FiniteDifference.A(x)
-    return _sub_div_scaled_(torch.zeros_like(x), dh, dv, _inv_weight(dh, dv, gamma))
+    return _sub_div_scaled_(out, dh, dv, _inv_weight(dh, dv, gamma, scale))
 
 
 def tv_hvp(x: torch.Tensor, v: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -179,10 +184,7 @@ class LowerLevel:
         if _records_graph(x):
             return self.quadratic_grad(x) + self.alpha * tv_grad(x, self.gamma)
         out = self.quadratic_grad(x)
-        if self.alpha == 0:
-            return out
-        dh, dv = FiniteDifference.A(x)
-        return _sub_div_scaled_(out, dh, dv, _inv_weight(dh, dv, self.gamma, self.alpha))  # += α Dᵀ(∇x/w)
+        return out if self.alpha == 0 else _add_tv_grad_(out, x, self.gamma, self.alpha)
 
     def hvp(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``∇²ₓₓh(x) v = B_bᵀB_b v + α∇²R_γ(x) v + μ₀v``."""

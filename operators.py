@@ -17,16 +17,13 @@ Why our own FFT operator and not deepinv's blur physics (project rule: deepinv u
 clearly faster or more correct).  ``benchmarks/bench_core.py`` checks that deepinv's
 ``BlurFFT`` (per-channel filter), deepinv's ``Blur(padding='circular')`` and a direct
 circularly padded ``conv2d`` (kernel flipped) compute this same convolution (deviation ≤ 2e-7
-in float32, with a non-symmetric kernel; deepinv needs no flip) and times them on 3×256×256
-RGB, float32, 2 CPU threads.  Measured there: ``B_b x`` 0.68 ms (ours) vs 0.79 ms (``BlurFFT``),
-``B_bᵀB_b x`` 0.64 vs 0.71 ms, and the operation the lower-level gradient needs,
-``B_bᵀ(B_b x − y) + μ₀x``, 0.63 ms as one FFT pair with ``μ₀`` and ``B_bᵀy`` folded into the
-spectrum (:meth:`lower_level.LowerLevel.quadratic_grad`) vs 0.85 ms through ``BlurFFT``'s
-``A_adjoint_A`` (1.2–1.5× across runs).  The convolution-based operators are 2–8× slower on
-that operation; their speed varies between processes, and a single direct ``B_b x`` can match
-the FFT.  Ours also gives the exact ``min|b̂|²`` and ``max|b̂|`` (``μ`` and ``L``), takes
-(C, H, W) images, and shares its FFT helpers with the kernel derivatives below.  Table and
-command: README, Performance.
+in float32, with a non-symmetric kernel; deepinv needs no flip) and times them on 3×256×256.
+On the operation the lower-level gradient needs, ``B_bᵀ(B_b x − y) + μ₀x``, ours is one FFT pair
+with ``μ₀`` and ``B_bᵀy`` folded into the spectrum (:meth:`lower_level.LowerLevel.quadratic_grad`),
+which deepinv's ``A_adjoint_A`` cannot express: 1.2–1.5× faster than ``BlurFFT`` across runs,
+and the convolution-based operators are slower still.  Ours also gives the exact ``min|b̂|²``
+and ``max|b̂|`` (``μ`` and ``L``), takes (C, H, W) images, and shares its FFT helpers with the
+kernel derivatives below.  Measured table and command: README, Performance.
 """
 from __future__ import annotations
 

@@ -47,10 +47,9 @@ for p in (ROOT, HERE):
 import torch  # noqa: E402
 
 from bench_core import (ALPHA, GAMMA, MU0, bench_blur, bench_lower_level, make_problem,  # noqa: E402
-                        print_blur, print_lower_level, time_interleaved)
+                        _sync, print_blur, print_lower_level, time_interleaved)
 from adp_problem import ADPBetaProblem  # noqa: E402
 from maid import hypergradient  # noqa: E402
-from operators import motion_kernel  # noqa: E402
 
 BETA = 1e-2                      # ADP.py's default β when this was written
 HG_EPS, HG_DELTA = 1e-2, 1e-6    # section 3: fixed accuracies
@@ -59,15 +58,9 @@ UPPER_LOWER_ITERS, UPPER_CG_ITERS = 50, 10   # section 5: the fixed work of one 
 SCALING_SIZES = (128, 256, 512, 1024)
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _problem(size: int, device, dtype=torch.float32):
     P = make_problem(size, 3, dtype, device)
-    b0 = motion_kernel(5, channels=3, dtype=dtype, device=device)
-    return P, ADPBetaProblem(P.y, b0, ALPHA, GAMMA, BETA, mu0=MU0), b0
+    return P, ADPBetaProblem(P.y, P.b, ALPHA, GAMMA, BETA, mu0=MU0), P.b
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,8 +151,7 @@ def bench_scaling(device="cpu", sizes=SCALING_SIZES, repeats: int = 3) -> dict:
                                   warmup=1, device=device)[s]
     lx = [math.log(s * s) for s in sizes]
     ly = [math.log(out[s]) for s in sizes]
-    mx, my = statistics.fmean(lx), statistics.fmean(ly)
-    slope = sum((a - mx) * (c - my) for a, c in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+    slope = statistics.linear_regression(lx, ly).slope
     last = (ly[-1] - ly[-2]) / (lx[-1] - lx[-2]) if len(sizes) > 1 else math.nan
     return dict(times=out, exponent=slope, exponent_last=last)
 

@@ -118,8 +118,7 @@ def make_problem(size: int = 256, channels: int = 3, dtype=torch.float32, device
     x_true = x_true.to(dtype=dtype, device=device)
     y = Blur(b, (size, size)).A(x_true) + 0.02 * noise.to(dtype=dtype, device=device)
     h = LowerLevel(b, y, ALPHA, GAMMA, MU0)
-    return SimpleNamespace(h=h, b=b, y=y, x=y.clone(), v=v.to(dtype=dtype, device=device), device=device,
-                           shape=(channels, size, size), dtype=dtype)
+    return SimpleNamespace(h=h, b=b, y=y, x=y.clone(), v=v.to(dtype=dtype, device=device))
 
 
 # --------------------------------------------------------------------------------------------

@@ -62,7 +62,6 @@ import torch  # noqa: E402
 
 from adp_problem import ADPBetaProblem  # noqa: E402
 from imaging import make_data, psnr_ssim, setting_kernels  # noqa: E402
-from lower_level import solve_lower  # noqa: E402
 from maid import MAIDConfig, maid  # noqa: E402
 from operators import Blur  # noqa: E402
 
@@ -156,9 +155,6 @@ def main():
     dt, dev = getattr(torch, args.dtype), torch.device("cpu")
     mu0, solver, eps_base = adp["mu0"], adp["lower_solver"], adp["baseline_eps"]
 
-    def metrics(x, x_true):
-        return psnr_ssim(x, x_true)
-
     cases = {}
 
     def data(image, setting):
@@ -191,8 +187,8 @@ def main():
             for s, im in cols:
                 cfg, x_true, b0, y = data(im, s)
                 prob = ADPBetaProblem(y, b0, a, g, adp["beta"], mu0, adp["upper_operator"], solver=solver)
-                r = solve_lower(prob.lower(b0), y.clone(), eps_base, args.cap, solver)
-                p, q = metrics(r.x, x_true)
+                r = prob.solve_lower(b0, y.clone(), eps_base, args.cap)
+                p, q = psnr_ssim(r.x, x_true)
                 ps.append(p)
                 ss.append(q)
                 capped += int(not r.converged)
@@ -226,8 +222,8 @@ def main():
         x_tv, p, q, conv = tv_solutions.get((alpha_tv, gamma_tv, im, s), (None,) * 4)
         if x_tv is None:   # (quick grid: the case was not in (a))
             prob = ADPBetaProblem(y, b0, alpha_tv, gamma_tv, adp["beta"], mu0, adp["upper_operator"], solver=solver)
-            r = solve_lower(prob.lower(b0), y.clone(), eps_base, args.cap, solver)
-            p, q = metrics(r.x, x_true)
+            r = prob.solve_lower(b0, y.clone(), eps_base, args.cap)
+            p, q = psnr_ssim(r.x, x_true)
         baseline[(s, im)] = (p, q)
         bt = true_kernel(cfg, b0, dt)
         if bt is b0:
@@ -238,12 +234,12 @@ def main():
                 err = (Blur(bt, (SIZE, SIZE)).A(x_true) - clean).abs().max().item()
                 assert err < 1e-5, f"oracle kernel does not reproduce the data (max error {err:.2e})"
             prob = ADPBetaProblem(y, bt, alpha_tv, gamma_tv, adp["beta"], mu0, adp["upper_operator"], solver=solver)
-            r = solve_lower(prob.lower(bt), y.clone(), eps_base, args.cap, solver)
-            oracle[(s, im)] = metrics(r.x, x_true)
+            r = prob.solve_lower(bt, y.clone(), eps_base, args.cap)
+            oracle[(s, im)] = psnr_ssim(r.x, x_true)
         # upper loss at b₀ (the H¹ term is 0 there, so f(b₀) does not depend on β), with x̃ solved
         # to eps0 from y exactly like MAID's first lower solve
         prob = ADPBetaProblem(y, b0, alpha_tv, gamma_tv, adp["beta"], mu0, adp["upper_operator"], solver=solver)
-        x0 = solve_lower(prob.lower(b0), y.clone(), adp["eps0"], adp["lower_iter"], solver).x
+        x0 = prob.solve_lower(b0, y.clone(), adp["eps0"], adp["lower_iter"]).x
         f_start[(s, im)] = prob.upper_loss(x0, b0).item()
         print(f"    {s:9s} {im:9s}: TV(b0) {baseline[(s, im)][0]:.2f} dB / {baseline[(s, im)][1]:.4f}   "
               f"TV(true kernel, oracle) {oracle[(s, im)][0]:.2f} dB / {oracle[(s, im)][1]:.4f}")
@@ -265,7 +261,7 @@ def main():
                 t0 = time.perf_counter()
                 out = maid(prob, b0.clone(), y.clone(), mcfg)
                 sec = time.perf_counter() - t0
-                p, q = metrics(out.x, x_true)
+                p, q = psnr_ssim(out.x, x_true)
                 tp, tq = baseline[(s, im)]
                 log = out.log
                 f0 = f_start[(s, im)]
