@@ -202,14 +202,21 @@ for name in names:
     r["recon_err_accurate"] = torch.linalg.vector_norm(sol.x - x_true).item()
     hit = next((rec for rec in log if rec["upper_loss"] <= target), None) if math.isfinite(target) else None
     r["time_to_target"] = None if hit is None else hit["time"]
+    r["lower_iters_to_target"] = None if hit is None else hit["lower_iters"]
+    r["us_per_lower_iter"] = 1e6 * r["time"] / r["lower_iters"] if r["lower_iters"] else math.nan
 
 
 def fmt_time(t):
     return "never" if t is None else f"{t:.2f}"
 
 
+def fmt_count(n):
+    return "never" if n is None else str(n)
+
+
 header = (f"{'method':<10} {'upper it':>8} {'stop':>9} {'final g':>10} {'f(B) acc.':>10} {'‖x−x_true‖':>10} "
-          f"{'time [s]':>9} {'lower it':>9} {'uncert./solves':>14} {'CG it':>7} {'t→IFT+' + format(target_rel, '.0%'):>9}")
+          f"{'time [s]':>9} {'lower it':>9} {'µs/lower it':>11} {'uncert./solves':>14} {'CG it':>7} "
+          f"{'t→IFT+' + format(target_rel, '.0%'):>9} {'it→IFT+' + format(target_rel, '.0%'):>10}")
 print()
 print(f"upper loss g = {upper_scale:g}·½‖Ax − y‖²; target = IFT's final g × {1 + target_rel:g} = {target:.6g}; "
       f"at B = A: f = {f_init:.6g}")
@@ -218,10 +225,13 @@ print("-" * len(header))
 for name in names:
     r = runs[name]
     print(f"{labels[name]:<10} {r['upper_iters']:>8} {r['stop']:>9} {r['final_loss']:>10.5g} {r['f_accurate']:>10.5g} "
-          f"{r['recon_err']:>10.4f} {r['time']:>9.2f} {r['lower_iters']:>9} {str(r['uncertified']) + '/' + str(r['solves']):>14} "
-          f"{r['cg_iters']:>7} {fmt_time(r['time_to_target']):>9}")
+          f"{r['recon_err']:>10.4f} {r['time']:>9.2f} {r['lower_iters']:>9} {r['us_per_lower_iter']:>11.1f} "
+          f"{str(r['uncertified']) + '/' + str(r['solves']):>14} {r['cg_iters']:>7} {fmt_time(r['time_to_target']):>9} "
+          f"{fmt_count(r['lower_iters_to_target']):>10}")
 print("(final g: last logged loss, inexact lower level; f(B) acc.: lower level solved to "
-      f"{eval_eps:g}; uncert./solves: lower solves stopped by the iteration cap before the certificate / solves run; LISTA: {lista_layers} layers per step)")
+      f"{eval_eps:g}; uncert./solves: lower solves stopped by the iteration cap before the certificate / solves run; LISTA: {lista_layers} layers per step, "
+      "each differentiated, so µs/lower it includes the backward pass; it→IFT+: cumulative lower-level iterations when "
+      "the target is first reached)")
 
 # ------------------------------------------------------------------ logs
 for name in names:  # written to a temporary name and renamed (figures.save_*): never half-written

@@ -210,3 +210,34 @@ def test_driver_help_lists_typed_settings():
     assert p.returncode == 0
     assert "--ift_steps=7500  (int)" in p.stdout and "--alpha1=0.108  (float)" in p.stdout
     assert "--maid_descent_check=False  (bool)" in p.stdout
+
+
+def test_driver_short_run_reports_consistent_targets(tmp_path):
+    """A short end-to-end run (n = 40): every output file is written, the last line has the
+    required form, IFT reaches its own target (final loss + 1 %) by definition, and the
+    reported time / lower iterations to the target are those of the first logged record at or
+    below the target, never beyond a method's totals."""
+    import json
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "ADP_1D.py"), "--n=40", "--ift_steps=30",
+                        "--lista_steps=30", "--maid_iters=8", "--progress=False", f"--results_dir={tmp_path}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    last = p.stdout.strip().splitlines()[-1].split()
+    assert last[0] == "time_to_IFT_loss" and [w.split("=")[0] for w in last[1:]] == ["MAID", "IFT", "LISTA"]
+    (run,) = os.listdir(tmp_path)
+    out = tmp_path / run
+    for f in ("reconstructions.png", "operators.png", "loss_vs_time.png", "loss_vs_lower_iters.png", "summary.json",
+              "operators.pt", "log_IFT.csv", "log_LISTA.csv", "log_MAID.csv"):
+        assert (out / f).stat().st_size > 0, f
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["methods"]["IFT"]["time_to_target"] is not None
+    for name, m in summary["methods"].items():
+        log = json.loads((out / f"log_{name}.json").read_text())
+        hit = next((r for r in log if r["upper_loss"] <= summary["target"]), None)
+        if hit is None:
+            assert m["time_to_target"] is None and m["lower_iters_to_target"] is None
+            assert f"{name}=never" in last
+        else:
+            assert m["time_to_target"] == hit["time"] <= m["time"]
+            assert m["lower_iters_to_target"] == hit["lower_iters"] <= m["lower_iters"]
+            assert f"{name}={hit['time']:.2f}" in last
