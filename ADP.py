@@ -8,6 +8,7 @@ Every constant below can be overridden with --name=value.  The script then reads
 bottom: check the configuration, make the data, solve the TV baseline with the known kernel
 b₀, run MAID on the kernel, write figures and logs into a new folder under results_dir.
 """
+import math
 import os
 import shutil
 import signal
@@ -111,7 +112,9 @@ def validate(cfg: dict) -> None:
     for name in ("tv_weight", "tv_smoothing", "beta", "eps0", "delta0", "alpha", "threshold", "eta",
                  "baseline_eps", "blur_sigma", "semiblind_sigma"):
         finite_positive(name, cfg[name])
-    finite_positive("mu0", cfg["mu0"], allow_zero=True)
+    check(math.isfinite(cfg["mu0"]) and cfg["mu0"] > 0,
+          f"mu0 must be a positive finite number, got {cfg['mu0']!r}: h is μ₀-strongly convex only through it "
+          f"(the kernel's spectrum can vanish, e.g. the 5×5 motion kernel's at 320×240); try --mu0=1e-2")
     for name in ("rho", "tau"):
         check(0 < cfg[name] < 1, f"{name} must lie strictly between 0 and 1, got {cfg[name]}")
     for name in ("nu", "nu_alpha"):
@@ -148,9 +151,12 @@ try:
         globals().update({k: v for k, v in _saved.items() if k not in _RUN_LOCAL and k not in _overrides})
     cfg = current_config()
     validate(cfg)
-    dev = resolve_device(device)
+    dev = resolve_device(device, dtype)
     dt = getattr(torch, dtype)
-    x_true, b0, y = make_data(cfg, _IMAGES, dev, dt)
+    try:
+        x_true, b0, y = make_data(cfg, _IMAGES, dev, dt)
+    except ValueError as e:                       # e.g. a kernel that is not finite in this dtype
+        raise ConfigError(f"cannot build the data: {e}") from None
     run_dir = make_run_dir(results_dir, time.strftime("%Y%m%d-%H%M%S") + f"_{setting}_{os.path.splitext(os.path.basename(image))[0]}")
 except ConfigError as e:
     fail(_PROG, e)
@@ -252,7 +258,8 @@ _total = time.perf_counter() - _t_start
 summary = {"scores": {k: {"psnr": p, "ssim": s} for k, (p, s) in scores.items()}, "stop_reason": stop_reason,
            "upper_iterations": len(log), "accepted": sum(r["accepted"] for r in log),
            "lower_iterations": log[-1]["lower_iters"] if log else 0, "cg_iterations": log[-1]["cg_iters"] if log else 0,
-           "lower_cap_hits": log[-1]["lower_cap_hits"] if log else 0, "baseline_iterations": base.iters,
+           "lower_cap_hits": log[-1]["lower_cap_hits"] if log else 0,
+           "cg_cap_hits": log[-1]["cg_cap_hits"] if log else 0, "baseline_iterations": base.iters,
            "baseline_seconds": _t_base, "maid_seconds": log[-1]["time"] if log else 0.0, "total_seconds": _total}
 figures.save_json(os.path.join(run_dir, "summary.json"), summary)
 
@@ -265,6 +272,9 @@ print(f"MAID: {len(log)} upper iterations ({summary['accepted']} accepted), stop
 if summary["lower_cap_hits"]:
     print(f"warning: {summary['lower_cap_hits']} lower-level solves hit lower_iter={lower_iter}; their accuracy "
           f"ε is not certified (raise --lower_iter)", file=sys.stderr)
+if summary["cg_cap_hits"]:
+    print(f"warning: {summary['cg_cap_hits']} conjugate-gradient solves hit cg_iter={cg_iter} before the residual "
+          f"δ; their hypergradients are less accurate than ω assumes (raise --cg_iter)", file=sys.stderr)
 if interrupted:
     print(f"interrupted: continue with  python ADP.py --resume={os.path.join(run_dir, 'checkpoint.pt')}")
 print(run_dir)

@@ -98,6 +98,13 @@ try:
                "maid_eta", "maid_eps_min", "eval_eps"):
         finite_positive(_k, _config[_k], allow_zero=_k == "noise")
     finite_positive("alpha1", alpha1, allow_zero=True)
+    finite_positive("target_rel", target_rel, allow_zero=True)
+    check(math.isfinite(h * n), f"the grid n·h = {n}·{h:g} overflows; use a smaller h (SPEC: 0.01)")
+    check(threads <= (os.cpu_count() or 1), f"threads must be at most the {os.cpu_count()} CPUs here, got {threads}")
+    for _k in ("maid_rho", "maid_tau"):
+        check(0 < _config[_k] < 1, f"{_k} must lie strictly between 0 and 1, got {_config[_k]}")
+    for _k in ("maid_nu", "maid_nu_step"):
+        check(_config[_k] >= 1, f"{_k} must be ≥ 1, got {_config[_k]}")
     valid_seed(seed)
 except ConfigError as _e:
     fail("ADP_1D.py", _e)

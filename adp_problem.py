@@ -101,6 +101,11 @@ class ADPBetaProblem(BilevelProblem):
             grad = grad + (2 / self.n) * kernel_correlation(self.lower(b).blur.A(x) - self.y, x, self.k)
         return grad
 
+    def upper_lipschitz(self, x, b):
+        """``L_g = (2/n)‖A_up‖²`` (what the line search needs; without the k²×k² eigenproblems of
+        :meth:`error_constants`)."""
+        return 2 / self.n * self._A_up(b).norm() ** 2
+
     def error_constants(self, x, b):
         """Closed-form constants of MAID's ω at ``(x̃, b)`` (see the module docstring).
 
@@ -114,8 +119,9 @@ class ADPBetaProblem(BilevelProblem):
         J = conv_operator_norm(r, self.k) + Bn * conv_operator_norm(x, self.k)
         L_H = 48 * math.sqrt(8) * self.alpha / self.gamma**2
         L_gt, L_gt_jac = ((2 / self.n) * J, (4 / self.n) * self.k * Bn) if self.learned else (0.0, 0.0)
-        return ErrorConstants(mu=h.mu, L_g=2 / self.n * self._A_up(b).norm() ** 2, J_norm=J,
-                              L_J=2 * self.k * Bn, L_Hinv=L_H / h.mu**2, L_gtheta=L_gt, L_gtheta_jac=L_gt_jac)
+        L_Hinv = L_H / h.mu**2 if h.mu > 0 else math.inf
+        return ErrorConstants(mu=h.mu, L_g=self.upper_lipschitz(x, b), J_norm=J, L_J=2 * self.k * Bn,
+                              L_Hinv=L_Hinv, L_gtheta=L_gt, L_gtheta_jac=L_gt_jac)
 
     def metrics(self, x, b):
         return {} if self.metrics_fn is None else self.metrics_fn(x)

@@ -168,6 +168,9 @@ class ElasticNetBilevel(BilevelProblem):
         ``dist(0, ∂h(x⁺))``; ``iters`` counts proximal-gradient steps.  ``self.solves`` and
         ``self.uncertified`` count the solves actually run and those that hit ``max_iter``."""
         M, cv, lam, L, t = self.lower_operators(theta)
+        if not math.isfinite(L):       # B too large for the dtype: t = 1/L = 0, no step possible
+            self.solves += 1
+            return LowerSolve(torch.full_like(x0, math.nan), 0, math.inf, False)
         factor = (1 + L * t) / t  # dist(0, ∂h(x⁺)) ≤ factor · ‖x − x⁺‖
         tol = self.alpha2 * eps / factor  # stop when ‖x − x⁺‖ ≤ tol
         x = x0
@@ -236,6 +239,10 @@ class ElasticNetBilevel(BilevelProblem):
             H = BS.T @ BS + self.alpha2 * torch.eye(S.numel(), dtype=x.dtype, device=x.device)
             v[S] = torch.linalg.solve(H, self.upper_grad_x(x, theta)[S])
         return -self.mixed_vjp(x, theta, v)
+
+    def upper_lipschitz(self, x, theta) -> float:
+        """``L_g = scale·‖A‖²`` (fixed: ``A`` does not depend on ``B``)."""
+        return self.L_g
 
     def error_constants(self, x, theta) -> ErrorConstants:
         """Constants of MAID's bound ``ω`` (SPEC §3) at ``(x̃, B)``.

@@ -98,12 +98,17 @@ def psnr_ssim(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return p, float(s)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → cuda, else mps, else cpu; an explicit device must be available."""
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def resolve_device(name: str, dtype: str = "float32") -> torch.device:
+    """``auto`` → cuda, else mps (float32 only: MPS has no float64), else cpu; an explicit device
+    must be available and support ``dtype``."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available() and dtype != "float64":
             return torch.device("mps")
         return torch.device("cpu")
     try:
@@ -112,8 +117,10 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
         raise ConfigError(f"device {name!r} is not available on this machine; use --device=cpu or --device=auto")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if dev.type == "mps" and not _mps_available():
         raise ConfigError(f"device {name!r} is not available on this machine; use --device=cpu or --device=auto")
+    if dev.type == "mps" and dtype == "float64":
+        raise ConfigError("the MPS device has no float64; use --dtype=float32 with --device=mps, or --device=cpu")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     return dev

@@ -24,7 +24,10 @@ This module knows nothing about images.  A problem is any object implementing
     (ω is then ∞ and logged so).
 
 Optional: ``solve_adjoint(x, theta, rhs, q0, delta, max_iter)`` (default: conjugate gradient
-on ``hessian_vp``) and ``metrics(x, theta) -> dict`` (extra columns of the log, e.g. PSNR).
+on ``hessian_vp``), ``upper_lipschitz(x, theta) -> float`` (``L_g`` alone, which the line search
+needs at every trial point; default: ``error_constants(x, theta).L_g`` — give a cheaper one when
+the other constants are costly) and ``metrics(x, theta) -> dict`` (extra columns of the log,
+e.g. PSNR).
 
 Everything is evaluated on tensors of whatever device and dtype the problem uses.
 """
@@ -106,6 +109,11 @@ class BilevelProblem:
         raise NotImplementedError("error_constants must return at least L_g (the Lipschitz constant of "
                                   "∇ₓg in x), which the sufficient-decrease test needs")
 
+    def upper_lipschitz(self, x, theta) -> float:
+        """``L_g`` at ``(x, θ)``, the Lipschitz constant of ``∇ₓg`` in x (the sufficient-decrease test
+        needs it at every trial point; override when :meth:`error_constants` is expensive)."""
+        return self.error_constants(x, theta).L_g
+
     def solve_adjoint(self, x, theta, rhs, q0, delta: float, max_iter: int):
         """Solve ``∇²ₓₓh q = rhs`` to residual ``≤ δ``; returns ``(q, iters, converged)``."""
         return conjugate_gradient(lambda v: self.hessian_vp(x, theta, v), rhs, q0, delta, max_iter)
@@ -167,6 +175,8 @@ def error_bound(eps: float, delta: float, c: ErrorConstants, grad_x_g_norm: floa
     is the paper's), but not when the upper level uses a θ-dependent operator on ``x`` — ADP-β
     with ``A_up = B_b`` — where leaving it out makes ω too small to be a bound.
     """
+    if not c.mu > 0:                  # no strong convexity: no bound
+        return math.inf
     cc = c.L_g * c.J_norm / c.mu + c.L_Hinv * grad_x_g_norm * c.J_norm + c.L_J * grad_x_g_norm / c.mu
     direct = c.L_gtheta * eps + 0.5 * c.L_gtheta_jac * eps**2
     return cc * eps + c.J_norm / c.mu * delta + c.L_J * c.L_g / c.mu * eps**2 + direct
@@ -295,11 +305,18 @@ class _Counter:
         return z, q
 
 
-def _upper_terms(problem, x, theta):
-    """``(g, ‖∇ₓg‖, L_g)`` at ``(x, θ)``: what the sufficient-decrease test needs at one point."""
+def _upper_lipschitz(problem, x, theta) -> float:
+    """``L_g`` from ``problem.upper_lipschitz`` if the problem has it, else from its error constants."""
+    f = getattr(problem, "upper_lipschitz", None)
+    return f(x, theta) if f is not None else problem.error_constants(x, theta).L_g
+
+
+def _upper_terms(problem, x, theta, L_g: float | None = None):
+    """``(g, ‖∇ₓg‖, L_g)`` at ``(x, θ)``: what the sufficient-decrease test needs at one point
+    (``L_g`` computed unless given)."""
     g = problem.upper_loss(x, theta).item()
     gx = _norm(problem.upper_grad_x(x, theta))
-    return g, gx, problem.error_constants(x, theta).L_g
+    return g, gx, _upper_lipschitz(problem, x, theta) if L_g is None else L_g
 
 
 def maid(problem, theta0: torch.Tensor | None = None, x0: torch.Tensor | None = None,
@@ -348,7 +365,8 @@ def maid(problem, theta0: torch.Tensor | None = None, x0: torch.Tensor | None = 
                 break
             zn = _norm(z)
             gxn = _norm(problem.upper_grad_x(x, theta))
-            omega = error_bound(s.eps, s.delta, problem.error_constants(x, theta), gxn)
+            consts = problem.error_constants(x, theta)
+            omega = error_bound(s.eps, s.delta, consts, gxn)
             descent_ok = omega <= (1 - cfg.eta) * zn
             if fixed_step or not cfg.descent_check or descent_ok or tightenings >= cfg.max_tightenings:
                 break
@@ -358,7 +376,7 @@ def maid(problem, theta0: torch.Tensor | None = None, x0: torch.Tensor | None = 
         if stop == "non_finite":
             break
         s.x, s.q, s.x_eps = x, q, x_eps
-        g_old, gx_old, Lg_old = _upper_terms(problem, x, theta)
+        g_old, gx_old, Lg_old = _upper_terms(problem, x, theta, consts.L_g)
         if not math.isfinite(g_old):
             stop = "non_finite"
             break

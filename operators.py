@@ -90,7 +90,10 @@ def gaussian_kernel(size: int = 5, sigma: float = 1.0, channels: int = 3,
     if not (sigma > 0 and math.isfinite(sigma)):
         raise ValueError(f"gaussian sigma must be a positive finite number, got {sigma!r}")
     t = torch.arange(size, dtype=dtype, device=device) - size // 2
-    g = torch.exp(-(t[:, None] ** 2 + t[None, :] ** 2) / (2 * sigma**2))
+    r2 = t[:, None] ** 2 + t[None, :] ** 2
+    # the centre is exp(0) = 1 exactly: for a σ so small that 2σ² underflows (0/0 there), the
+    # kernel is then the σ → 0 limit, a unit impulse, instead of NaN
+    g = torch.where(r2 == 0, torch.ones_like(r2), torch.exp(-r2 / (2 * sigma**2)))
     return _per_channel(g, channels)
 
 

@@ -179,7 +179,8 @@ BAD_1D = [("--no_such_setting=1", "unknown setting"), ("--ift_steps=2.5", "expec
           ("--noise=-0.1", "noise"), ("--noise=nan", "noise"), ("--alpha2=0", "alpha2"),
           ("--upper_step=-1", "upper_step"), ("--maid_eps0=0", "eps0"), ("--maid_rho=1.5", "rho"),
           ("--maid_tau=0", "tau"), ("--maid_nu=0.9", "nu"), ("--n=0", "n must be"),
-          ("--lower_step=inf", "lower_step")]
+          ("--lower_step=inf", "lower_step"), ("--target_rel=nan", "target_rel"), ("--target_rel=-5", "target_rel"),
+          ("--h=1e308", "grid"), ("--threads=100000", "threads"), ("--maid_nu_step=0.5", "maid_nu_step")]
 
 
 @pytest.mark.parametrize("arg,message", BAD_1D, ids=[a for a, _ in BAD_1D])
@@ -241,3 +242,17 @@ def test_driver_short_run_reports_consistent_targets(tmp_path):
             assert m["time_to_target"] == hit["time"] <= m["time"]
             assert m["lower_iters_to_target"] == hit["lower_iters"] <= m["lower_iters"]
             assert f"{name}={hit['time']:.2f}" in last
+
+
+def test_solver_reports_non_finite_when_the_bound_overflows():
+    """B so large that L = ‖BᵀB‖_∞ + α₂ overflows: a non-finite solve (a failed trial for MAID), no
+    division by the step t = 1/L = 0."""
+    problem, A, _ = small_problem()
+    res = problem.solve_lower(1e200 * A, torch.zeros(A.shape[0], dtype=DT), 1e-3, 50)
+    assert res.status == "non_finite" and res.iters == 0
+
+
+def test_upper_lipschitz_is_the_error_constants_L_g():
+    problem, A, B = small_problem()
+    x = problem.accurate_upper(B)[1].x
+    assert problem.upper_lipschitz(x, B) == problem.error_constants(x, B).L_g > 0

@@ -163,6 +163,7 @@ BAD = [
     (lambda t: ["--tv_weight=0"], "tv_weight"),
     (lambda t: ["--alpha=-1"], "alpha"),
     (lambda t: ["--beta=-1"], "beta"),
+    (lambda t: ["--mu0=0"], "mu0 must be a positive"),
     (lambda t: ["--tv_smoothing=0"], "tv_smoothing"),
     (lambda t: ["--eps0=0"], "eps0"),
     (lambda t: ["--rho=1.5"], "rho"),

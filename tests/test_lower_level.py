@@ -96,9 +96,14 @@ def test_unknown_solver_rejected():
         solve_lower(h, y, 1e-3, 10, "newton")
 
 
-def test_mu_uses_kernel_spectrum():
+def test_mu_and_L_are_sharp_without_tv():
+    """With α = 0 the Hessian is BᵀB + μ₀I: its extreme eigenvalues (dense matrix, built from
+    Hessian-vector products) are exactly μ = μ₀ + min|b̂|² and L = max|b̂|² + μ₀."""
     b = gaussian_kernel(3, 0.5, channels=1, dtype=torch.float64)
-    y = torch.zeros(1, 8, 8)
-    h = LowerLevel(b, y, 0.1, 0.1, mu0=0.0)
-    assert h.mu > 0  # this Gaussian has no spectral zero on an 8×8 grid
-    assert abs(h.mu - h.blur.min_singular_sq()) < 1e-15
+    h = LowerLevel(b, torch.zeros(1, 8, 6, dtype=torch.float64), 0.0, 0.1, mu0=0.3)
+    x = _rand(1, 8, 6, seed=7)
+    H = torch.stack([h.hvp(x, e.reshape(x.shape)).flatten() for e in torch.eye(x.numel(), dtype=torch.float64)], 1)
+    ev = torch.linalg.eigvalsh(0.5 * (H + H.T))
+    assert abs(ev.min().item() - h.mu) < 1e-12
+    assert abs(ev.max().item() - h.L) < 1e-12
+    assert h.mu > 0.3 + 1e-3      # this Gaussian has no spectral zero on an 8×6 grid: μ > μ₀

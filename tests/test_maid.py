@@ -127,12 +127,52 @@ def test_lower_and_cg_iterations_are_counted_monotonically():
 
 
 def test_descent_check_tightens_until_omega_small_or_capped():
+    """At ε₀ = 1 the (worst-case) ω exceeds (1 − η)‖z‖, so the check must tighten ε (and δ) by τ,
+    up to max_tightenings; the logged ε is then ε₀ τ^t times ν (accepted) or τ (rejected)."""
     p, y, b0, _ = _deblur_problem("learned")
+    cfg = MAIDConfig(eps0=1.0, max_iter=1, descent_check=False, lower_max_iter=100000)
+    r0 = maid(p, b0.clone(), y.clone(), cfg).log[0]
+    assert r0["omega"] > (1 - cfg.eta) * r0["grad_norm"]          # premise: ω too large at ε₀
     cfg = MAIDConfig(eps0=1.0, max_iter=2, descent_check=True, max_tightenings=3, lower_max_iter=100000)
-    res = maid(p, b0.clone(), y.clone(), cfg)
-    r = res.log[0]
-    assert r["descent_ok"] or r["tightenings"] == 3
+    r = maid(p, b0.clone(), y.clone(), cfg).log[0]
+    t = r["tightenings"]
+    assert 1 <= t <= 3 and (r["descent_ok"] or t == 3)
+    assert r["descent_ok"] == (r["omega"] <= (1 - cfg.eta) * r["grad_norm"])
+    assert math.isclose(r["eps"], cfg.tau**t * (cfg.nu if r["accepted"] else cfg.tau), rel_tol=1e-12)
     assert r["omega"] > 0 and math.isfinite(r["omega"])
+
+
+def test_error_bound_is_infinite_without_strong_convexity():
+    c = ErrorConstants(mu=0.0, L_g=1.0, J_norm=1.0, L_J=1.0, L_Hinv=1.0)
+    assert error_bound(1e-3, 1e-3, c, 1.0) == math.inf
+
+
+@pytest.mark.parametrize("upper_operator", ["learned", "known"])
+def test_line_search_uses_upper_lipschitz_not_error_constants(upper_operator):
+    """``upper_lipschitz`` is the ``L_g`` of ``error_constants``; MAID evaluates the full constants
+    once per descent check (here: once per iteration) and only ``L_g`` at the trial points."""
+    p, y, b0, _ = _deblur_problem(upper_operator)
+    x = p.solve_lower(b0, y.clone(), 1e-8, 100000).x
+    assert p.upper_lipschitz(x, b0) == p.error_constants(x, b0).L_g > 0
+    calls = {"ec": 0, "ul": 0, "inside_ec": False}
+    ec, ul = p.error_constants, p.upper_lipschitz
+
+    def counted_ec(*a):
+        calls["ec"] += 1
+        calls["inside_ec"] = True
+        try:
+            return ec(*a)
+        finally:
+            calls["inside_ec"] = False
+
+    def counted_ul(*a):
+        calls["ul"] += not calls["inside_ec"]       # MAID's own calls, not error_constants' internal one
+        return ul(*a)
+
+    p.error_constants, p.upper_lipschitz = counted_ec, counted_ul
+    res = maid(p, b0.clone(), y.clone(), MAIDConfig(eps0=1e-3, max_iter=4, descent_check=False, lower_max_iter=100000))
+    trials = sum(r["backtracks"] + 1 for r in res.log)
+    assert calls["ec"] == len(res.log) and calls["ul"] == trials
 
 
 def test_inexact_gradient_descent_keeps_accuracy_and_step_fixed():

@@ -115,3 +115,11 @@ def test_h1_penalty_and_gradient():
     d = b - b0
     assert h1_penalty(b, b0) >= (d * d).sum()
     assert h1_penalty(b0, b0) == 0
+
+
+def test_gaussian_with_vanishing_sigma_is_the_impulse():
+    """2σ² underflows for σ = 1e-300: the σ → 0 limit (a unit impulse), not 0/0 = NaN."""
+    g = gaussian_kernel(5, 1e-300, channels=2, dtype=torch.float64)
+    delta = torch.zeros(2, 1, 5, 5, dtype=torch.float64)
+    delta[:, :, 2, 2] = 1
+    assert torch.equal(g, delta)
