@@ -101,10 +101,6 @@ try:
     finite_positive("target_rel", target_rel, allow_zero=True)
     check(math.isfinite(h * n), f"the grid n·h = {n}·{h:g} overflows; use a smaller h (SPEC: 0.01)")
     check(threads <= (os.cpu_count() or 1), f"threads must be at most the {os.cpu_count()} CPUs here, got {threads}")
-    for _k in ("maid_rho", "maid_tau"):
-        check(0 < _config[_k] < 1, f"{_k} must lie strictly between 0 and 1, got {_config[_k]}")
-    for _k in ("maid_nu", "maid_nu_step"):
-        check(_config[_k] >= 1, f"{_k} must be ≥ 1, got {_config[_k]}")
     valid_seed(seed)
 except ConfigError as _e:
     fail("ADP_1D.py", _e)
@@ -126,7 +122,9 @@ cfg = maid.MAIDConfig(eps0=maid_eps0, step0=upper_step, rho=maid_rho, tau=maid_t
                       eps_min=maid_eps_min, max_iter=maid_iters, lower_max_iter=maid_lower_max_iter,
                       descent_check=maid_descent_check)
 try:  # check MAID's settings before spending minutes on IFT and LISTA
-    cfg.validate()
+    cfg.validate(names=dict(eps0="maid_eps0", step0="upper_step", rho="maid_rho", tau="maid_tau", nu="maid_nu",
+                            nu_step="maid_nu_step", eta="maid_eta", max_backtracks="maid_max_backtracks",
+                            eps_min="maid_eps_min", max_iter="maid_iters", lower_max_iter="maid_lower_max_iter"))
 except ValueError as _e:
     fail("ADP_1D.py", _e)
 torch.set_num_threads(threads)

@@ -227,23 +227,27 @@ class MAIDConfig:
     descent_check: bool = True
     max_tightenings: int = 10
 
-    def validate(self) -> None:
+    def validate(self, names: dict | None = None) -> None:
+        """Raise ``ValueError`` for an invalid setting; ``names`` maps field names to the caller's
+        option names for the message (e.g. ``{"rho": "maid_rho"}``)."""
+        def bad(name, what, v):
+            raise ValueError(f"{(names or {}).get(name, name)} must {what}, got {v!r}")
+
         for name in ("eps0", "step0", "eta", "eps_min"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
-                raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+                bad(name, "be a positive finite number", v)
         if self.delta0 is not None and not (math.isfinite(self.delta0) and self.delta0 > 0):
-            raise ValueError(f"delta0 must be a positive finite number, got {self.delta0!r}")
+            bad("delta0", "be a positive finite number", self.delta0)
         for name in ("rho", "tau"):
-            v = getattr(self, name)
-            if not 0 < v < 1:
-                raise ValueError(f"{name} must lie in (0, 1), got {v!r}")
+            if not 0 < getattr(self, name) < 1:
+                bad(name, "lie strictly between 0 and 1", getattr(self, name))
         for name in ("nu", "nu_step"):
             if not getattr(self, name) >= 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)!r}")
+                bad(name, "be ≥ 1", getattr(self, name))
         for name in ("max_backtracks", "max_iter", "lower_max_iter", "cg_max_iter"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                bad(name, "be a positive integer", getattr(self, name))
 
 
 @dataclass
