@@ -1,5 +1,26 @@
 """Command-line overrides for the drivers' constants, nanoGPT style, and one-line user errors.
 
+The driver pattern (``ADP.py``, ``ADP_1D.py``, ``DIP.py``, ``train.py``)::
+
+    # ---- constants (the defaults) ----
+    image = "astronaut"
+    ...
+    DEFAULTS = config.defaults(globals())          # snapshot of the constants above
+    RENAMED = {"alpha": "step0"}                   # old name -> new name (one-line hint)
+
+    def run(cfg=None, **overrides) -> dict:        # importable, no side effects on import
+        cfg = config.resolve(DEFAULTS, {**(cfg or {}), **overrides}, RENAMED)
+        ...                                        # raises ConfigError on bad input
+        return summary
+
+    if __name__ == "__main__":
+        cfg, _ = config.parse_argv(DEFAULTS, sys.argv[1:], RENAMED)   # presets, then --name=value
+        ...
+
+``python DRIVER.py presets/x.py --name=value``: positional ``*.py`` arguments are presets, small
+files of constants applied in order (nanoGPT's ``config/*.py``); ``--name=value`` overrides are
+applied after all presets.
+
 A driver defines its configuration as plain constants at the top of the file, then calls
 ``apply_overrides(globals(), sys.argv[1:])``: each ``--name=value`` replaces the constant ``name``
 with ``value`` parsed to the constant's type (``bool``: true/false/1/0/yes/no; ``int``;
@@ -15,7 +36,7 @@ import os
 import sys
 
 __all__ = ["ConfigError", "apply_overrides", "parse_value", "fail", "check", "finite_positive", "valid_seed", "make_run_dir",
-           "setting_names"]
+           "setting_names", "defaults", "load_preset", "resolve", "parse_argv"]
 
 
 class ConfigError(ValueError):
@@ -138,3 +159,77 @@ def make_run_dir(root: str, name: str) -> str:
         except FileExistsError:
             continue
     raise ConfigError(f"too many runs named {name!r} in {root!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# importable drivers: defaults, presets, programmatic overrides
+# --------------------------------------------------------------------------------------------
+def defaults(namespace: dict) -> dict:
+    """A snapshot ``{name: value}`` of a driver's constants (see :func:`setting_names`)."""
+    return {k: namespace[k] for k in setting_names(namespace)}
+
+
+def _renamed_error(name: str, renamed: dict | None) -> None:
+    if renamed and name in renamed:
+        raise ConfigError(f"setting {name!r} was renamed to {renamed[name]!r} (one name, one meaning); "
+                          f"use --{renamed[name]}=...")
+
+
+def _coerce(name: str, value, default):
+    """``value`` as the type of ``default`` (an int is accepted for a float); ConfigError otherwise."""
+    kind = type(default)
+    if kind is float and type(value) is int:
+        return float(value)
+    if type(value) is not kind:
+        raise ConfigError(f"{name}={value!r}: expected a value of type {kind.__name__} (default {default!r})")
+    return value
+
+
+def resolve(defaults_: dict, overrides: dict | None = None, renamed: dict | None = None) -> dict:
+    """The full configuration: ``defaults_`` updated with ``overrides`` (unknown or renamed names and
+    wrong types raise :class:`ConfigError`)."""
+    cfg = dict(defaults_)
+    for name, value in (overrides or {}).items():
+        _renamed_error(name, renamed)
+        if name not in defaults_:
+            raise ConfigError(f"unknown setting {name!r} (valid: {', '.join(sorted(defaults_))})")
+        cfg[name] = _coerce(name, value, defaults_[name])
+    return cfg
+
+
+def load_preset(path: str, defaults_: dict, renamed: dict | None = None) -> dict:
+    """The constants a preset file sets (names without a leading ``_``; modules and functions are
+    ignored), checked against ``defaults_``.  A missing file or an unknown name raises ConfigError."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"preset {path!r} not found; give the path of a file of constants, e.g. presets/paper.py")
+    ns: dict = {}
+    try:
+        with open(path) as f:
+            exec(compile(f.read(), path, "exec"), ns)
+    except Exception as e:  # noqa: BLE001  (any error in the user's file is one line)
+        raise ConfigError(f"preset {path!r} could not be read ({type(e).__name__}: {e})")
+    values = {k: v for k, v in ns.items() if not k.startswith("_") and type(v) in (bool, int, float, str)}
+    for name in values:
+        _renamed_error(name, renamed)
+        if name not in defaults_:
+            raise ConfigError(f"preset {path!r} sets unknown setting {name!r} (valid: {', '.join(sorted(defaults_))})")
+    return {k: _coerce(k, v, defaults_[k]) for k, v in values.items()}
+
+
+def parse_argv(defaults_: dict, argv: list[str], renamed: dict | None = None) -> tuple[dict, dict]:
+    """``(cfg, explicit)`` from a command line: positional ``*.py`` presets in order, then
+    ``--name=value`` overrides.  ``explicit`` holds what presets and overrides set."""
+    ns = dict(defaults_)
+    explicit: dict = {}
+    flags = []
+    for arg in argv:
+        if not arg.startswith("-") and arg.endswith(".py"):
+            explicit.update(load_preset(arg, defaults_, renamed))
+        else:
+            flags.append(arg)
+    ns.update(explicit)
+    for arg in flags:
+        if arg.startswith("--") and "=" in arg:
+            _renamed_error(arg[2:].partition("=")[0], renamed)
+    explicit.update(apply_overrides(ns, flags, list(defaults_)))
+    return ns, explicit

@@ -42,8 +42,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lower_level import LowerSolve
-from maid import BilevelProblem, ErrorConstants, conjugate_gradient
+from maid import BilevelProblem, ErrorConstants, LowerSolve, conjugate_gradient
 
 __all__ = ["grid", "truth", "gaussian_operator", "make_data", "pg_operators", "prox_grad_step", "ElasticNetBilevel",
            "lista_step", "run_lista"]

@@ -32,11 +32,11 @@ values); ``tests/test_fast_paths.py`` pins the two paths together.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from maid import LowerSolve
 from operators import Blur, FiniteDifference, _records_graph
 
 __all__ = ["tv_value", "tv_grad", "tv_hvp", "LowerLevel", "LowerSolve", "fista",
@@ -204,24 +204,6 @@ class LowerLevel:
 # --------------------------------------------------------------------------------------------
 # solvers
 # --------------------------------------------------------------------------------------------
-@dataclass
-class LowerSolve:
-    """Result of a lower-level solve: the iterate, iterations used, final ‖∇h‖, and whether the
-    stopping test ``‖∇h‖ ≤ μ ε`` was met (``False`` means the iteration cap was hit)."""
-
-    x: torch.Tensor
-    iters: int
-    grad_norm: float
-    converged: bool
-
-    @property
-    def status(self) -> str:
-        """``'converged'``, ``'max_iter'`` (cap hit, finite iterate) or ``'non_finite'`` (NaN/Inf met)."""
-        if self.converged:
-            return "converged"
-        return "max_iter" if math.isfinite(self.grad_norm) else "non_finite"
-
-
 def _accelerated(grad: Callable, x0: torch.Tensor, L: float, tol: float, max_iter: int,
                  momentum: Callable[[int], float]) -> LowerSolve:
     """Shared loop: ``x⁺ = y − ∇h(y)/L``, ``y⁺ = x⁺ + β_k (x⁺ − x)``.

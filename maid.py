@@ -41,9 +41,8 @@ from typing import Callable
 
 import torch
 
-from lower_level import LowerSolve
 
-__all__ = ["BilevelProblem", "ErrorConstants", "conjugate_gradient", "hypergradient", "error_bound",
+__all__ = ["LowerSolve", "BilevelProblem", "ErrorConstants", "conjugate_gradient", "hypergradient", "error_bound",
            "sufficient_decrease", "MAIDConfig", "MAIDState", "MAIDResult", "maid",
            "inexact_gradient_descent"]
 
@@ -59,6 +58,24 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------------
 # the interface
 # --------------------------------------------------------------------------------------------
+@dataclass
+class LowerSolve:
+    """Result of a lower-level solve: the iterate, iterations used, final ‖∇h‖, and whether the
+    stopping test ``‖∇h‖ ≤ μ ε`` was met (``False`` means the iteration cap was hit)."""
+
+    x: torch.Tensor
+    iters: int
+    grad_norm: float
+    converged: bool
+
+    @property
+    def status(self) -> str:
+        """``'converged'``, ``'max_iter'`` (cap hit, finite iterate) or ``'non_finite'`` (NaN/Inf met)."""
+        if self.converged:
+            return "converged"
+        return "max_iter" if math.isfinite(self.grad_norm) else "non_finite"
+
+
 @dataclass
 class ErrorConstants:
     """Constants of the a-posteriori bound ω (SPEC §3) at the current point ``(x̃, θ)``.

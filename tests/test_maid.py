@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from adp_problem import ADPBetaProblem
-from lower_level import LowerSolve, fista, tv_grad, tv_hvp, tv_value
+from lower_level import fista, tv_grad, tv_hvp, tv_value
+from maid import LowerSolve
 from maid import (BilevelProblem, ErrorConstants, MAIDConfig, conjugate_gradient, error_bound, hypergradient,
                   inexact_gradient_descent, maid, sufficient_decrease)
 from operators import Blur, gaussian_kernel, motion_kernel
