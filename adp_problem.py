@@ -1,12 +1,13 @@
 """ADP-β for blind/semi-blind deblurring as a :class:`maid.BilevelProblem` (SPEC §1).
 
-    lower:  x̂(b) = argmin_x ½‖B_b x − y‖² + α R_γ(x) + (μ₀/2)‖x‖²          (lower_level.py)
+    lower:  x̂(b) = argmin_x ½‖B_b x − y‖² + R(x) + (μ₀/2)‖x‖²          (lower_level.py)
     upper:  g(x, b) = ‖A_up x − y‖² / n + β ‖b − b₀‖²_{H¹},   n = number of entries of y
 
 ``A_up`` is the learned operator ``B_b`` (``upper_operator='learned'``, the default, what the
 paper's 2D experiments do) or a fixed known operator ``A = B_a`` (``upper_operator='known'``,
 the ADP formulation of Dittmer et al.).  With ``A_up = B_b`` the upper level depends on ``b``
-directly and ``∂_b g`` enters the hypergradient.
+directly and ``∂_b g`` enters the hypergradient.  ``R`` is any :class:`regularisers.Regulariser`
+(weight included), e.g. ``make_regulariser('tv', tv_weight, tv_smoothing)``.
 
 Derivatives (``r = B_b x − y``, ``corr(w, u)`` = :func:`operators.kernel_correlation`):
 
@@ -20,9 +21,10 @@ Error-bound constants (SPEC §3; closed form, circular boundaries, all documente
 * ``‖J‖ ≤ ‖C_r‖ + ‖B_b‖ ‖C_x‖`` where ``C_u: δ ↦ B_δ u`` on k×k kernels (exact norm, see
   :func:`operators.conv_operator_norm`), because ``J δ = B_δᵀ r + B_bᵀ B_δ x``;
 * ``L_J = 2k‖B_b‖`` (Young: ``‖B_δ u‖ ≤ ‖δ‖₁‖u‖ ≤ k‖δ‖₂‖u‖``);
-* ``L_{H⁻¹} = L_H/μ²`` with ``L_H = 48√8 α/γ²`` (third derivative of ``sqrt(|v|²+γ²)`` is at
-  most ``6/γ²``, ``‖D‖² ≤ 8``).  These worst-case bounds are loose for images (ω ≫ ‖z‖);
-  the 2D driver logs ω but does not tighten on it (see README).
+* ``L_{H⁻¹} = L_H/μ²`` with ``L_H = R.hessian_lipschitz()`` (the Hessian of ``h`` in ``x`` varies
+  only through ``R``; for ``SmoothedTV`` ``48√8 α/γ²``, derived in its docstring).  These
+  worst-case bounds are loose for images (ω ≫ ‖z‖); the 2D driver logs ω but does not tighten
+  on it (see README).
 * direct partial (only ``A_up = B_b``; 0 for the known operator, whose ``∂_b g`` is the H¹ term
   alone): ``L_{θx} = (2/n)(‖C_r‖ + ‖B_b‖ ‖C_x‖)`` (= (2/n) × the ``‖J‖`` bound) and
   ``L'_{θx} = (4/n) k ‖B_b‖``, so that ``‖∂_b g(x̃) − ∂_b g(x̂)‖ ≤ L_{θx} ε + ½L'_{θx} ε²``.
@@ -44,19 +46,28 @@ import torch
 from lower_level import LowerLevel, solve_lower
 from maid import BilevelProblem, ErrorConstants
 from operators import Blur, conv_operator_norm, h1_penalty, h1_penalty_grad, kernel_correlation
+from regularisers import Regulariser
 
 UPPER_OPERATORS = ("learned", "known")
 
 
 class ADPBetaProblem(BilevelProblem):
-    """Bilevel deblurring problem; ``theta`` is the kernel ``b`` of shape (C, 1, k, k)."""
+    """Bilevel deblurring problem; ``theta`` is the kernel ``b`` of shape (C, 1, k, k).
 
-    def __init__(self, y, b0, alpha, gamma, beta, mu0=0.0, upper_operator="learned", known_kernel=None,
+    ``regulariser`` is the lower level's ``R`` (weight included), ``beta`` the H¹ weight of the
+    upper level, ``mu0`` the Tikhonov term, ``solver`` the lower-level solver (``'fista'`` or
+    ``'agd'``), ``metrics_fn(x) -> dict`` extra log columns.
+    """
+
+    def __init__(self, y, b0, regulariser, beta, mu0=0.0, upper_operator="learned", known_kernel=None,
                  solver="fista", metrics_fn=None):
         if upper_operator not in UPPER_OPERATORS:
             raise ValueError(f"unknown upper_operator {upper_operator!r}; use 'learned' or 'known'")
+        if not isinstance(regulariser, Regulariser):
+            raise TypeError(f"regulariser must be a regularisers.Regulariser (e.g. make_regulariser('tv', "
+                            f"tv_weight, tv_smoothing)), got {type(regulariser).__name__}")
         self.y, self.b0 = y, b0
-        self.alpha, self.gamma, self.beta, self.mu0 = alpha, gamma, beta, mu0
+        self.regulariser, self.beta, self.mu0 = regulariser, beta, mu0
         self.learned = upper_operator == "learned"
         self.A = None if self.learned else Blur(b0 if known_kernel is None else known_kernel, y.shape[-2:])
         self.n = y.numel()
@@ -69,7 +80,7 @@ class ADPBetaProblem(BilevelProblem):
     def lower(self, b) -> LowerLevel:
         """The lower-level objective ``h(·, b)``, cached for the last kernel seen."""
         if self._cache[0] is not b:
-            self._cache = (b, LowerLevel(b, self.y, self.alpha, self.gamma, self.mu0))
+            self._cache = (b, LowerLevel(b, self.y, self.regulariser, self.mu0))
         return self._cache[1]
 
     def solve_lower(self, b, x0, eps, max_iter):
@@ -117,7 +128,7 @@ class ADPBetaProblem(BilevelProblem):
         Bn = h.blur.norm()
         r = h.blur.A(x) - self.y
         J = conv_operator_norm(r, self.k) + Bn * conv_operator_norm(x, self.k)
-        L_H = 48 * math.sqrt(8) * self.alpha / self.gamma**2
+        L_H = self.regulariser.hessian_lipschitz()
         L_gt, L_gt_jac = ((2 / self.n) * J, (4 / self.n) * self.k * Bn) if self.learned else (0.0, 0.0)
         L_Hinv = L_H / h.mu**2 if h.mu > 0 else math.inf
         return ErrorConstants(mu=h.mu, L_g=self.upper_lipschitz(x, b), J_norm=J, L_J=2 * self.k * Bn,

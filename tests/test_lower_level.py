@@ -1,38 +1,34 @@
 """lower_level.py: closed-form TV and h derivatives against autograd, constants, solver certificates."""
 import pytest
 import torch
+from conftest import rand
 
 from lower_level import LowerLevel, solve_lower, tv_grad, tv_hvp, tv_value
 from operators import gaussian_kernel, motion_kernel
-
-torch.set_default_dtype(torch.float64)
-
-
-def _rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+from regularisers import SmoothedTV
 
 
-def _small_problem(alpha=0.05, gamma=0.05, mu0=1e-2, seed=0):
+def _small_problem(tv_weight=0.05, smoothing=0.05, mu0=1e-2, seed=0):
     x_true = torch.rand(2, 12, 10, generator=torch.Generator().manual_seed(seed))
     b = motion_kernel(3, channels=2, dtype=torch.float64)
-    h = LowerLevel(b, x_true, alpha, gamma, mu0)
-    y = h.blur.A(x_true) + 0.01 * _rand(2, 12, 10, seed=seed + 1)
-    return LowerLevel(b, y, alpha, gamma, mu0), y
+    h = LowerLevel(b, x_true, SmoothedTV(tv_weight, smoothing), mu0)
+    y = h.blur.A(x_true) + 0.01 * rand(2, 12, 10, seed=seed + 1)
+    return LowerLevel(b, y, SmoothedTV(tv_weight, smoothing), mu0), y
 
 
-@pytest.mark.parametrize("gamma", [1e-2, 0.3])
-def test_tv_gradient_and_hvp_against_autograd(gamma):
-    x, v = _rand(3, 8, 9, seed=1), _rand(3, 8, 9, seed=2)
+@pytest.mark.parametrize("smoothing", [1e-2, 0.3])
+def test_tv_gradient_and_hvp_against_autograd(smoothing):
+    x, v = rand(3, 8, 9, seed=1), rand(3, 8, 9, seed=2)
     xa = x.clone().requires_grad_(True)
-    g = torch.autograd.grad(tv_value(xa, gamma), xa, create_graph=True)[0]
+    g = torch.autograd.grad(tv_value(xa, smoothing), xa, create_graph=True)[0]
     hv = torch.autograd.grad((g * v).sum(), xa)[0]
-    assert torch.allclose(tv_grad(x, gamma), g, atol=1e-10)
-    assert torch.allclose(tv_hvp(x, v, gamma), hv, atol=1e-8)
+    assert torch.allclose(tv_grad(x, smoothing), g, atol=1e-10)
+    assert torch.allclose(tv_hvp(x, v, smoothing), hv, atol=1e-8)
 
 
 def test_h_gradient_and_hvp_against_autograd():
     h, _ = _small_problem()
-    x, v = _rand(2, 12, 10, seed=3), _rand(2, 12, 10, seed=4)
+    x, v = rand(2, 12, 10, seed=3), rand(2, 12, 10, seed=4)
     xa = x.clone().requires_grad_(True)
     g = torch.autograd.grad(h.value(xa), xa, create_graph=True)[0]
     hv = torch.autograd.grad((g * v).sum(), xa)[0]
@@ -41,8 +37,8 @@ def test_h_gradient_and_hvp_against_autograd():
 
 
 def test_strong_convexity_and_smoothness_constants_bound_the_hessian():
-    h, _ = _small_problem(alpha=0.2, gamma=0.02)
-    x = _rand(2, 12, 10, seed=5)
+    h, _ = _small_problem(tv_weight=0.2, smoothing=0.02)
+    x = rand(2, 12, 10, seed=5)
     n = x.numel()
     H = torch.stack([h.hvp(x, e.reshape(x.shape)).flatten() for e in torch.eye(n)], 1)
     ev = torch.linalg.eigvalsh(0.5 * (H + H.T))
@@ -82,9 +78,9 @@ def test_non_finite_is_reported_apart_from_the_cap():
     h, y = _small_problem()
     bad = y.clone()
     bad[0, 3, 4] = float("nan")
-    res = solve_lower(LowerLevel(h.blur.b, bad, 0.05, 0.05, 1e-2), y, 1e-3, 50)
+    res = solve_lower(LowerLevel(h.blur.b, bad, SmoothedTV(0.05, 0.05), 1e-2), y, 1e-3, 50)
     assert res.status == "non_finite" and not res.converged
-    huge = LowerLevel(1e200 * motion_kernel(3, channels=2, dtype=torch.float64), y, 0.05, 0.05, 1e-2)
+    huge = LowerLevel(1e200 * motion_kernel(3, channels=2, dtype=torch.float64), y, SmoothedTV(0.05, 0.05), 1e-2)
     assert huge.L == float("inf")                     # no OverflowError
     res = solve_lower(huge, y, 1e-3, 50)
     assert res.status == "non_finite" and res.iters == 0
@@ -97,11 +93,11 @@ def test_unknown_solver_rejected():
 
 
 def test_mu_and_L_are_sharp_without_tv():
-    """With α = 0 the Hessian is BᵀB + μ₀I: its extreme eigenvalues (dense matrix, built from
+    """With TV weight 0 the Hessian is BᵀB + μ₀I: its extreme eigenvalues (dense matrix, built from
     Hessian-vector products) are exactly μ = μ₀ + min|b̂|² and L = max|b̂|² + μ₀."""
     b = gaussian_kernel(3, 0.5, channels=1, dtype=torch.float64)
-    h = LowerLevel(b, torch.zeros(1, 8, 6, dtype=torch.float64), 0.0, 0.1, mu0=0.3)
-    x = _rand(1, 8, 6, seed=7)
+    h = LowerLevel(b, torch.zeros(1, 8, 6, dtype=torch.float64), SmoothedTV(0.0, 0.1), mu0=0.3)
+    x = rand(1, 8, 6, seed=7)
     H = torch.stack([h.hvp(x, e.reshape(x.shape)).flatten() for e in torch.eye(x.numel(), dtype=torch.float64)], 1)
     ev = torch.linalg.eigvalsh(0.5 * (H + H.T))
     assert abs(ev.min().item() - h.mu) < 1e-12

@@ -1,15 +1,10 @@
 """operators.py: kernels, adjointness of B_b and D, kernel derivatives, H¹ penalty."""
 import pytest
 import torch
+from conftest import rand
 
 from operators import (Blur, FiniteDifference, conv_operator_norm, disc_kernel, gaussian_kernel, h1_penalty,
                        h1_penalty_grad, kernel_correlation, make_kernel, motion_kernel)
-
-torch.set_default_dtype(torch.float64)
-
-
-def _rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("kind", ["motion", "motion_vertical", "motion_horizontal", "gaussian", "disc"])
@@ -38,9 +33,9 @@ def test_kernel_larger_than_image_rejected():
 
 @pytest.mark.parametrize("shape", [(3, 16, 16), (2, 3, 12, 17)])
 def test_blur_adjointness(shape):
-    b = _rand(3, 1, 5, 5, seed=1)
+    b = rand(3, 1, 5, 5, seed=1)
     B = Blur(b, shape[-2:])
-    x, y = _rand(*shape, seed=2), _rand(*shape, seed=3)
+    x, y = rand(*shape, seed=2), rand(*shape, seed=3)
     lhs, rhs = (B.A(x) * y).sum(), (x * B.A_adjoint(y)).sum()
     assert abs(lhs - rhs) <= 1e-12 * abs(lhs).clamp_min(1)
     assert torch.allclose(B.A_adjoint_A(x), B.A_adjoint(B.A(x)), atol=1e-12)
@@ -48,8 +43,8 @@ def test_blur_adjointness(shape):
 
 def test_blur_matches_direct_circular_convolution():
     """B_b x = Σ_j b[j] x[p − j + κ] (centred circular convolution), checked by explicit sums."""
-    b = _rand(2, 1, 3, 3, seed=4)
-    x = _rand(2, 7, 6, seed=5)
+    b = rand(2, 1, 3, 3, seed=4)
+    x = rand(2, 7, 6, seed=5)
     out = Blur(b, (7, 6)).A(x)
     ref = torch.zeros_like(x)
     for i in range(3):
@@ -68,8 +63,8 @@ def test_blur_norm_and_min_singular_value_are_exact():
 
 
 def test_finite_difference_adjointness():
-    x = _rand(3, 9, 11, seed=6)
-    ph, pv = _rand(3, 9, 11, seed=7), _rand(3, 9, 11, seed=8)
+    x = rand(3, 9, 11, seed=6)
+    ph, pv = rand(3, 9, 11, seed=7), rand(3, 9, 11, seed=8)
     dh, dv = FiniteDifference.A(x)
     lhs = (dh * ph).sum() + (dv * pv).sum()
     rhs = (x * FiniteDifference.A_adjoint(ph, pv)).sum()
@@ -78,7 +73,7 @@ def test_finite_difference_adjointness():
 
 
 def test_finite_difference_norm_bound():
-    x = _rand(1, 10, 10, seed=9)
+    x = rand(1, 10, 10, seed=9)
     for _ in range(200):  # power iteration on DᵀD
         x = FiniteDifference.A_adjoint(*FiniteDifference.A(x))
         x = x / x.norm()
@@ -87,14 +82,14 @@ def test_finite_difference_norm_bound():
 
 
 def test_kernel_correlation_is_gradient_wrt_kernel():
-    u, w = _rand(2, 3, 10, 9, seed=10), _rand(2, 3, 10, 9, seed=11)  # batch dimension summed
-    b = _rand(3, 1, 5, 5, seed=12).requires_grad_(True)
+    u, w = rand(2, 3, 10, 9, seed=10), rand(2, 3, 10, 9, seed=11)  # batch dimension summed
+    b = rand(3, 1, 5, 5, seed=12).requires_grad_(True)
     (Blur(b, (10, 9)).A(u) * w).sum().backward()
     assert torch.allclose(kernel_correlation(w, u, 5), b.grad, atol=1e-12)
 
 
 def test_conv_operator_norm_exact():
-    u = _rand(2, 8, 9, seed=13)
+    u = rand(2, 8, 9, seed=13)
     k = 3
     best = 0.0
     for c in range(2):
@@ -108,7 +103,7 @@ def test_conv_operator_norm_exact():
 
 
 def test_h1_penalty_and_gradient():
-    b, b0 = _rand(3, 1, 5, 5, seed=14), _rand(3, 1, 5, 5, seed=15)
+    b, b0 = rand(3, 1, 5, 5, seed=14), rand(3, 1, 5, 5, seed=15)
     bb = b.clone().requires_grad_(True)
     h1_penalty(bb, b0).backward()
     assert torch.allclose(h1_penalty_grad(b, b0), bb.grad, atol=1e-12)
