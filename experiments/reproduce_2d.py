@@ -1,0 +1,635 @@
+"""Reproduction table of the paper's 2D deblurring: paper protocol against fair protocol (SPEC §5).
+
+    python experiments/reproduce_2d.py                 # full table: 4 images × 3 settings, 256×256
+    python experiments/reproduce_2d.py --quick         # CI-sized: astronaut, 64×64, few iterations
+    python experiments/reproduce_2d.py --images=astronaut --settings=semiblind_1.5
+    python experiments/reproduce_2d.py --jobs=2        # one process per image
+    python experiments/reproduce_2d.py --resume=Results/reproduction/<run>   # reuse finished cases
+
+For every image (``images/``) and setting (``motion``, ``semiblind_0.5``, ``semiblind_1.5``; the
+data of ``imaging.make_data``, see ``experiments/protocols.py``) the rows of :data:`ROWS` run on
+the same data:
+
+===========================  ================================================================
+row                          what it is
+===========================  ================================================================
+blurry                       the data ``y``
+TV paper 100 it              the paper's TV baseline: anisotropic TV, weight e⁻⁶, γ = 0.01, 100
+                             FISTA iterations from ``y`` with the paper's step 1/L₁₀₀
+TV paper 300 it / 1000 it    the same solver, longer, with the fixed ``b₀``: the control that
+                             separates learning the kernel from extra iterations
+TV paper reg. converged      the paper's regulariser solved to convergence with ``b₀``
+ADP paper protocol           ADP-β-MAID as the paper runs it (learned operator, β = 100 on the
+                             unsquared H¹ norm, data term / 3, mapped to our normalisation)
+TV fair                      isotropic TV, α = 0.005 (chosen once for TV), converged
+ADP fair learned / known     ADP-β-MAID at the fair α with ``A_up = B_b`` / ``A_up = B_{b₀}``
+oracle TV                    fair TV with the true kernel (9×9 motion∘Gaussian for semiblind)
+ADP prox … (9×9)             proximal MAID: b₀ zero-padded to 9×9, kernel on the simplex
+                             and/or the unsquared H¹ by prox (when ``maid`` has a prox step)
+DIP …                        ``--with_dip``: the deep image prior rows (when ``DIP.run`` exists)
+===========================  ================================================================
+
+Columns: PSNR, SSIM, MAID upper iterations (accepted), lower-level and CG iterations, seconds,
+stop reason, ``‖b* − b₀‖/‖b₀‖`` and, for the semiblind settings, ``‖b* − b_true‖/‖b₀ − b_true‖``.
+The rows that warm-start from the fair TV solution (fair ADP, oracle) do not count its
+iterations (the TV fair row does).
+
+Output, in a new folder ``Results/reproduction/<date-time>/``: ``table.md`` (per case and the
+means), ``table.csv`` (one line per case and row), ``cases/`` (one JSON per case, for
+``--resume``), ``grid_<image>.png`` (crops of the reconstructions), ``kernels.png`` (channel 0
+of the learned kernels in the semiblind settings), ``gains.png``, ``summary.json``.  The last
+line printed is ``adp_gain_db fair_known=<mean> fair_learned=<mean> paper_protocol=<mean>
+oracle=<mean>``: mean PSNR gains of ADP fair known/learned over TV fair, of ADP paper protocol
+over TV paper 100 it, and of the oracle over TV fair.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+for _p in (_ROOT, _HERE):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import config  # noqa: E402
+from config import ConfigError, check  # noqa: E402
+
+# ------------------------------------------------------------------------------------------
+# configuration (override with --name=value; --quick and --with_dip alone mean =true)
+# ------------------------------------------------------------------------------------------
+images = "astronaut,coffee,chelsea,rocket"      # comma-separated bundled images
+settings = "motion,semiblind_0.5,semiblind_1.5"  # comma-separated settings (protocols.SETTINGS)
+size = 256                 # image side (pixels)
+rows = "all"               # comma-separated row names (see --list_rows), or all
+quick = False              # CI-sized run: astronaut, 64×64, few upper iterations
+with_dip = False           # add the DIP rows (needs DIP.run)
+upper_iter = 0             # cap on MAID upper iterations of every ADP row (0: the protocols' own)
+jobs = 1                   # processes (one image each)
+threads = 1                # torch threads per process
+results_dir = "Results/reproduction"
+resume = ""                # a previous run folder: its finished cases are reused
+list_rows = False          # print the row names and exit
+DEFAULTS = config.defaults(globals())
+_PROG = "experiments/reproduce_2d.py"
+_QUICK = dict(images="astronaut", size=64, upper_iter=6)
+_FLAGS = ("quick", "with_dip", "list_rows")
+
+import torch  # noqa: E402
+
+import protocols as P  # noqa: E402
+from imaging import psnr_ssim  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------
+# rows: a registry of functions  row(ctx) -> dict
+# ------------------------------------------------------------------------------------------
+@dataclass
+class Context:
+    """One case and what its rows share (the fair TV solution, the paper's step, outputs)."""
+
+    case: P.Case
+    opts: dict
+    shared: dict = field(default_factory=dict)
+    images: dict = field(default_factory=dict)     # row -> reconstruction (for the figure grid)
+    kernels: dict = field(default_factory=dict)    # row -> learned kernel
+
+    def once(self, key, make):
+        if key not in self.shared:
+            self.shared[key] = make()
+        return self.shared[key]
+
+
+@dataclass
+class Row:
+    name: str
+    fn: object
+    group: str                 # paper | fair | oracle | prox | dip | data
+    available: object = None   # () -> str | None: why the row cannot run now (None: it can)
+
+
+ROWS: dict[str, Row] = {}
+
+
+def row(name: str, group: str, available=None):
+    def deco(fn):
+        ROWS[name] = Row(name, fn, group, available)
+        return fn
+    return deco
+
+
+def _upper_iter(ctx, default: int) -> int:
+    return ctx.opts["upper_iter"] or default
+
+
+def _scores(ctx, name, x, **extra) -> dict:
+    p, s = psnr_ssim(x, ctx.case.x_true)
+    ctx.images[name] = x.detach()
+    return dict(psnr=p, ssim=s, **extra)
+
+
+def _maid_columns(ctx, name, res, seconds) -> dict:
+    log = res.log
+    last = log[-1] if log else {}
+    ctx.kernels[name] = res.theta.detach()
+    return _scores(ctx, name, res.x, maid_iters=len(log), accepted=sum(r["accepted"] for r in log),
+                   lower_iters=last.get("lower_iters", 0), cg_iters=last.get("cg_iters", 0),
+                   lower_cap_hits=last.get("lower_cap_hits", 0), time_s=seconds, stop=res.stop_reason,
+                   kernel_move=P.kernel_move(res.theta, ctx.case.b0),
+                   kernel_err_ratio=P.kernel_error_ratio(res.theta, ctx.case.b0, ctx.case.b_true))
+
+
+def _timed(f):
+    t0 = time.perf_counter()
+    out = f()
+    return out, time.perf_counter() - t0
+
+
+@row("blurry", "data")
+def _blurry(ctx):
+    return _scores(ctx, "blurry", ctx.case.y)
+
+
+def _paper_fixed_available():
+    import lower_level
+    if not hasattr(lower_level, "solve_lower_fixed"):
+        return "lower_level.solve_lower_fixed (fixed-step TV solver) not available"
+    return _aniso_available()
+
+
+def _aniso_available():
+    if not P._new_api():
+        return "the regulariser interface (anisotropic TV) is not available in lower_level/adp_problem"
+    return None
+
+
+def _tv_paper(iters):
+    def fn(ctx):
+        step = ctx.once("paper_step", lambda: P.paper_tv_step(ctx.case))
+        x, sec = _timed(lambda: P.fixed_iterations(P.paper_lower(ctx.case), ctx.case.y.clone(), iters, step))
+        return _scores(ctx, f"TV paper {iters} it", x, lower_iters=iters, time_s=sec, step=step)
+    return fn
+
+
+for _it in (100, 300, 1000):
+    row(f"TV paper {_it} it", "paper", _paper_fixed_available)(_tv_paper(_it))
+
+
+@row("TV paper reg. converged", "paper", _aniso_available)
+def _tv_paper_converged(ctx):
+    from lower_level import solve_lower
+    r, sec = _timed(lambda: solve_lower(P.paper_lower(ctx.case), ctx.case.y.clone(), P.FAIR["tv_eps"],
+                                        10 * P.LOWER_ITER))
+    return _scores(ctx, "TV paper reg. converged", r.x, lower_iters=r.iters, time_s=sec,
+                   stop="converged" if r.converged else "max_iter")
+
+
+@row("ADP paper protocol", "paper", _aniso_available)
+def _adp_paper(ctx):
+    from maid import maid
+    case = ctx.case
+    m = P.paper_upper_mapping(case.n)
+    inner = P.adp_problem_for(case, P.PAPER["tv_kind"], P.PAPER["tv_weight"], P.PAPER["tv_smoothing"], 0.0,
+                              "learned")
+    problem = P.UnsquaredH1(inner, m["beta"], case.b0)
+    cfg = P.paper_maid_config(case.n, _upper_iter(ctx, P.PAPER["upper_iter"]))
+    res, sec = _timed(lambda: maid(problem, case.b0.clone(), case.y.clone(), cfg))
+    out = _maid_columns(ctx, "ADP paper protocol", res, sec)
+    return dict(out, stationarity=_b0_stationarity(inner, case, m["beta"]))
+
+
+def _b0_stationarity(inner, case, beta) -> float:
+    """``‖∇f_data(b₀)‖_{H¹,*}/β`` (``protocols.h1_dual_norm``; uncounted diagnostic): ≤ 1 means
+    ``b₀`` is a stationary point of the paper's upper problem, so a correct descent method cannot
+    move the kernel; ``∇f_data`` by a lower solve to 10⁻⁴ and CG to ``10⁻⁶‖∇ₓg‖``."""
+    from maid import hypergradient
+    x = inner.solve_lower(case.b0, case.y.clone(), 1e-4, 10 * P.LOWER_ITER).x
+    delta = 1e-6 * torch.linalg.vector_norm(inner.upper_grad_x(x, case.b0)).item()
+    z = hypergradient(inner, x, case.b0, None, delta, 10 * P.CG_ITER)[0]
+    return P.h1_dual_norm(z) / beta
+
+
+def _tv_fair_solve(ctx, b):
+    from lower_level import solve_lower
+    h = P.lower_objective(b, ctx.case.y, P.FAIR["tv_kind"], P.FAIR["tv_weight"], P.FAIR["tv_smoothing"])
+    x0 = ctx.shared.get("x_tv_fair", ctx.case.y).clone()
+    return _timed(lambda: solve_lower(h, x0, P.FAIR["tv_eps"], 10 * P.LOWER_ITER))
+
+
+@row("TV fair", "fair")
+def _tv_fair(ctx):
+    r, sec = _tv_fair_solve(ctx, ctx.case.b0)
+    ctx.shared["x_tv_fair"] = r.x
+    return _scores(ctx, "TV fair", r.x, lower_iters=r.iters, time_s=sec,
+                   stop="converged" if r.converged else "max_iter")
+
+
+def _x_tv_fair(ctx):
+    if "x_tv_fair" not in ctx.shared:
+        _tv_fair(ctx)
+    return ctx.shared["x_tv_fair"]
+
+
+def _adp_fair(operator):
+    name = f"ADP fair {operator}"
+
+    def fn(ctx):
+        from maid import maid
+        case = ctx.case
+        x0 = _x_tv_fair(ctx)
+        problem = P.adp_problem_for(case, P.FAIR["tv_kind"], P.FAIR["tv_weight"], P.FAIR["tv_smoothing"],
+                                    P.FAIR["beta"], operator)
+        cfg = P.fair_maid_config(_upper_iter(ctx, P.FAIR["upper_iter"]))
+        res, sec = _timed(lambda: maid(problem, case.b0.clone(), x0.clone(), cfg))
+        return _maid_columns(ctx, name, res, sec)
+    return fn
+
+
+for _op in ("learned", "known"):
+    row(f"ADP fair {_op}", "fair")(_adp_fair(_op))
+
+
+@row("oracle TV", "oracle")
+def _oracle(ctx):
+    if ctx.case.b_true.shape == ctx.case.b0.shape and torch.equal(ctx.case.b_true, ctx.case.b0):
+        x = _x_tv_fair(ctx)          # motion: the true kernel is b₀, the oracle is TV fair
+        return _scores(ctx, "oracle TV", x, lower_iters=0, time_s=0.0, stop="= TV fair")
+    _x_tv_fair(ctx)
+    r, sec = _tv_fair_solve(ctx, ctx.case.b_true)
+    return _scores(ctx, "oracle TV", r.x, lower_iters=r.iters, time_s=sec,
+                   stop="converged" if r.converged else "max_iter")
+
+
+# ---- proximal MAID rows (issue 17): registered only when maid has a prox step --------------
+def _prox_available():
+    import maid
+    if "prox" not in getattr(maid.maid, "__code__", None).co_varnames:
+        return "maid.maid has no prox argument (proximal MAID not available)"
+    try:
+        import prox  # noqa: F401
+    except ImportError:
+        return "prox.py not available"
+    return None
+
+
+# ---- DIP rows (--with_dip): hook for DIP.run(cfg) -> {psnr_es, ssim_es, psnr_best, ...} -------
+def _dip_available():
+    try:
+        import DIP
+    except Exception as e:  # noqa: BLE001  (a module being edited may fail to import)
+        return f"DIP.py cannot be imported ({type(e).__name__})"
+    return None if callable(getattr(DIP, "run", None)) else "DIP.run is not available"
+
+
+# ------------------------------------------------------------------------------------------
+# one case
+# ------------------------------------------------------------------------------------------
+def selected_rows(opts) -> list[Row]:
+    names = list(ROWS) if opts["rows"] == "all" else [r.strip() for r in opts["rows"].split(",") if r.strip()]
+    out = []
+    for n in names:
+        if n not in ROWS:
+            raise ConfigError(f"unknown row {n!r}; the rows are: {', '.join(ROWS)}")
+        r = ROWS[n]
+        if r.group == "dip" and not opts["with_dip"]:
+            continue
+        out.append(r)
+    return out
+
+
+def run_case(image: str, setting: str, opts: dict, progress=None) -> dict:
+    """All selected rows on one case; returns ``{"case", "rows": [...], "skipped": {...}}`` and keeps
+    crops of the reconstructions and the learned kernels (tensors) under ``"images"``/``"kernels"``."""
+    torch.set_num_threads(opts["threads"])
+    case = P.make_case(image, setting, opts["size"])
+    ctx = Context(case, opts)
+    results, skipped = [], {}
+    for r in selected_rows(opts):
+        why = r.available() if r.available else None
+        if why:
+            skipped[r.name] = why
+        else:
+            res = r.fn(ctx)
+            results.append(dict(image=image, setting=setting, method=r.name, group=r.group, **res))
+        if progress is not None:
+            progress(r.name)
+    return {"case": case.name, "image": image, "setting": setting, "rows": results, "skipped": skipped,
+            "images": {k: _crop(v) for k, v in ctx.images.items()}, "kernels": ctx.kernels,
+            "x_true": _crop(case.x_true), "b0": case.b0, "b_true": case.b_true}
+
+
+def _crop(x, side=96):
+    H, W = x.shape[-2:]
+    s = min(side, H, W)
+    i, j = (H - s) // 2, (W - s) // 2
+    return x[..., i:i + s, j:j + s].detach().clamp(0, 1).float().cpu()
+
+
+def _run_image(args):
+    """Worker: all settings of one image (one process); returns the case results."""
+    image, settings_, opts = args
+    return [run_case(image, s, opts) for s in settings_]
+
+
+# ------------------------------------------------------------------------------------------
+# tables and figures
+# ------------------------------------------------------------------------------------------
+_COLS = ("psnr", "ssim", "maid_iters", "accepted", "lower_iters", "cg_iters", "time_s", "stop", "kernel_move",
+         "kernel_err_ratio", "stationarity")
+
+GAINS = {  # name: (row, reference row)
+    "fair_known": ("ADP fair known", "TV fair"),
+    "fair_learned": ("ADP fair learned", "TV fair"),
+    "paper_protocol": ("ADP paper protocol", "TV paper 100 it"),
+    "oracle": ("oracle TV", "TV fair"),
+}
+
+
+def _fmt(v, col):
+    if v is None or v == "":
+        return ""
+    if isinstance(v, float):
+        if math.isnan(v):
+            return ""
+        if col == "psnr":
+            return f"{v:.2f}"
+        if col == "ssim":
+            return f"{v:.4f}"
+        if col == "time_s":
+            return f"{v:.1f}"
+        return f"{v:.3g}"
+    return str(v)
+
+
+def _psnr_of(case_res, method):
+    for r in case_res["rows"]:
+        if r["method"] == method:
+            return r["psnr"]
+    return math.nan
+
+
+def gains(case_results) -> dict:
+    """Per gain of :data:`GAINS`: the list of per-case PSNR differences and their mean (NaN if
+    a row is missing in every case)."""
+    out = {}
+    for g, (a, b) in GAINS.items():
+        d = [_psnr_of(c, a) - _psnr_of(c, b) for c in case_results]
+        d = [v for v in d if not math.isnan(v)]
+        out[g] = {"per_case": d, "mean": sum(d) / len(d) if d else math.nan}
+    return out
+
+
+def markdown_table(case_results, row_names) -> str:
+    lines = []
+    head = "| method | PSNR | SSIM | MAID it (acc.) | lower it | CG it | time [s] | stop | ‖b*−b₀‖/‖b₀‖ | ‖b*−b_true‖/‖b₀−b_true‖ |"
+    sep = "|" + "---|" * 10
+    for c in case_results:
+        lines += [f"### {c['case']}", "", head, sep]
+        for r in c["rows"]:
+            it = f"{r['maid_iters']} ({r['accepted']})" if "maid_iters" in r else ""
+            lines.append("| " + " | ".join([r["method"], _fmt(r.get("psnr"), "psnr"), _fmt(r.get("ssim"), "ssim"), it,
+                                            _fmt(r.get("lower_iters"), ""), _fmt(r.get("cg_iters"), ""),
+                                            _fmt(r.get("time_s"), "time_s"), _fmt(r.get("stop"), ""),
+                                            _fmt(r.get("kernel_move"), ""), _fmt(r.get("kernel_err_ratio"), "")])
+                         + " |")
+        if c["skipped"]:
+            lines.append("")
+            lines += [f"* not run: {k} — {v}" for k, v in c["skipped"].items()]
+        lines.append("")
+    # means over cases
+    lines += ["### mean over cases", "", "| method | cases | mean PSNR | mean SSIM | mean time [s] |", "|---|---|---|---|---|"]
+    for name in row_names:
+        rs = [r for c in case_results for r in c["rows"] if r["method"] == name]
+        if rs:
+            lines.append(f"| {name} | {len(rs)} | {sum(r['psnr'] for r in rs) / len(rs):.2f} | "
+                         f"{sum(r['ssim'] for r in rs) / len(rs):.4f} | "
+                         f"{sum(r.get('time_s', 0.0) for r in rs) / len(rs):.1f} |")
+    g = gains(case_results)
+    lines += ["", "| gain | rows | per case [dB] | mean [dB] |", "|---|---|---|---|"]
+    for k, (a, b) in GAINS.items():
+        lines.append(f"| {k} | {a} − {b} | {', '.join(f'{v:+.2f}' for v in g[k]['per_case'])} | {g[k]['mean']:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def grid_figure(case_results, image, path, methods):
+    import figures
+    import matplotlib.pyplot as plt
+    cs = [c for c in case_results if c["image"] == image]
+    methods = [m for m in methods if any(m in c["images"] for c in cs)]
+    cols = ["ground truth"] + methods
+    fig, axes = plt.subplots(len(cs), len(cols), figsize=(1.25 * len(cols), 1.45 * len(cs)), squeeze=False)
+    for i, c in enumerate(cs):
+        for j, m in enumerate(cols):
+            ax = axes[i, j]
+            ax.axis("off")
+            x = c["x_true"] if m == "ground truth" else c["images"].get(m)
+            if x is None:
+                continue
+            ax.imshow(x.numpy().transpose(1, 2, 0) if x.shape[0] == 3 else x[0].numpy(), cmap="gray",
+                      vmin=0, vmax=1, interpolation="nearest")
+            p = _psnr_of(c, m)
+            t = (m if i == 0 else "") + ("" if m == "ground truth" else f"\n{p:.2f} dB")
+            ax.set_title(t, fontsize=5)
+        axes[i, 0].text(-0.08, 0.5, c["setting"], transform=axes[i, 0].transAxes, rotation=90, va="center",
+                        ha="right", fontsize=6)
+    fig.tight_layout(pad=0.2)
+    _save_small(fig, path, figures)
+
+
+def _save_small(fig, path, figures):
+    fig.set_dpi(100)
+    figures._atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
+def kernels_figure(case_results, path):
+    import figures
+    import matplotlib.pyplot as plt
+    cs = [c for c in case_results if c["kernels"] and c["setting"] != "motion"]
+    if not cs:
+        return
+    names = sorted({k for c in cs for k in c["kernels"]})
+    cols = ["b₀", "b_true"] + names
+    fig, axes = plt.subplots(len(cs), len(cols), figsize=(1.3 * len(cols), 1.4 * len(cs)), squeeze=False)
+    for i, c in enumerate(cs):
+        k = c["b_true"].shape[-1]
+        ks = {"b₀": P.pad_kernel(c["b0"], k), "b_true": c["b_true"]}
+        ks.update({n: P.pad_kernel(b, max(k, b.shape[-1])) for n, b in c["kernels"].items()})
+        for j, n in enumerate(cols):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if n in ks:
+                ax.imshow(ks[n][0, 0].double().numpy(), cmap="viridis", interpolation="nearest")
+            ax.set_title((n + "\n" if i == 0 else "") + (c["case"] if j == 0 else ""), fontsize=5)
+    fig.tight_layout(pad=0.2)
+    _save_small(fig, path, figures)
+
+
+def gains_figure(case_results, path):
+    import figures
+    import matplotlib.pyplot as plt
+    g = gains(case_results)
+    fig, ax = plt.subplots(figsize=(7, 3))
+    names = [c["case"] for c in case_results]
+    w = 0.8 / len(GAINS)
+    for k, key in enumerate(GAINS):
+        vals = [_psnr_of(c, GAINS[key][0]) - _psnr_of(c, GAINS[key][1]) for c in case_results]
+        ax.bar([i + k * w for i in range(len(names))], vals, w, label=f"{key} (mean {g[key]['mean']:+.2f})")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xticks([i + 0.4 - w / 2 for i in range(len(names))])
+    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=6)
+    ax.set_ylabel("PSNR gain [dB]")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    _save_small(fig, path, figures)
+
+
+# ------------------------------------------------------------------------------------------
+# driver
+# ------------------------------------------------------------------------------------------
+def resolve(cfg: dict | None = None, **overrides) -> dict:
+    opts = config.resolve(DEFAULTS, {**(cfg or {}), **overrides})
+    if opts["quick"]:
+        for k, v in _QUICK.items():
+            if opts[k] == DEFAULTS[k]:
+                opts[k] = v
+    ims = [s.strip() for s in opts["images"].split(",") if s.strip()]
+    sts = [s.strip() for s in opts["settings"].split(",") if s.strip()]
+    check(ims, "give at least one image with --images=astronaut,...")
+    for im in ims:
+        check(im in P.IMAGES, f"unknown image {im!r}; use one of {', '.join(P.IMAGES)}")
+    for s in sts:
+        check(s in P.SETTINGS, f"unknown setting {s!r}; use one of {', '.join(P.SETTINGS)}")
+    check(sts, "give at least one setting with --settings=motion,...")
+    check(opts["size"] >= 16, f"size must be at least 16 (kernels up to 9×9 and the SSIM window), got {opts['size']}")
+    check(opts["jobs"] >= 1 and opts["threads"] >= 1, "jobs and threads must be positive integers")
+    check(opts["upper_iter"] >= 0, f"upper_iter must be ≥ 0, got {opts['upper_iter']}")
+    if opts["resume"]:
+        check(os.path.isdir(os.path.join(opts["resume"], "cases")),
+              f"--resume={opts['resume']!r} is not a reproduce_2d run folder (no cases/ inside)")
+    selected_rows(opts)   # unknown row names raise here
+    opts["_images"], opts["_settings"] = ims, sts
+    return opts
+
+
+def _case_file(run_dir, image, setting):
+    return os.path.join(run_dir, "cases", f"{image}_{setting}")
+
+
+def _save_case(run_dir, res):
+    import figures
+    base = _case_file(run_dir, res["image"], res["setting"])
+    figures.save_json(base + ".json", {k: res[k] for k in ("case", "image", "setting", "rows", "skipped")})
+    figures.save_torch(base + ".pt", {k: res[k] for k in ("images", "kernels", "x_true", "b0", "b_true")})
+
+
+def _load_case(run_dir, image, setting):
+    base = _case_file(run_dir, image, setting)
+    if not (os.path.isfile(base + ".json") and os.path.isfile(base + ".pt")):
+        return None
+    with open(base + ".json") as f:
+        res = json.load(f)
+    res.update(torch.load(base + ".pt", weights_only=False))
+    return res
+
+
+def run(cfg: dict | None = None, **overrides) -> dict:
+    """Run the table; returns ``{"run_dir", "cases", "gains"}`` (raises ConfigError on bad input)."""
+    opts = resolve(cfg, **overrides)
+    from tqdm import tqdm
+    import figures
+    torch.set_num_threads(opts["threads"])
+    run_dir = config.make_run_dir(opts["results_dir"], time.strftime("%Y%m%d-%H%M%S") + ("_quick" if opts["quick"] else ""))
+    os.makedirs(os.path.join(run_dir, "cases"))
+    figures.save_json(os.path.join(run_dir, "config.json"), {k: v for k, v in opts.items() if not k.startswith("_")})
+    names = [r.name for r in selected_rows(opts)]
+    todo, done = [], {}
+    for im in opts["_images"]:
+        for s in opts["_settings"]:
+            prev = _load_case(opts["resume"], im, s) if opts["resume"] else None
+            if prev is not None:
+                done[(im, s)] = prev
+                _save_case(run_dir, prev)
+            else:
+                todo.append((im, s))
+    bar = tqdm(total=len(todo) * len(names), desc="reproduce_2d", unit="row", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        if opts["jobs"] == 1:
+            for im, s in todo:
+                bar.set_postfix_str(f"{im}/{s}")
+                res = run_case(im, s, opts, progress=lambda name: bar.update(1))
+                done[(im, s)] = res
+                _save_case(run_dir, res)
+        else:
+            from concurrent.futures import ProcessPoolExecutor
+            import multiprocessing as mp
+            per_image = {}
+            for im, s in todo:
+                per_image.setdefault(im, []).append(s)
+            with ProcessPoolExecutor(opts["jobs"], mp_context=mp.get_context("spawn")) as ex:
+                futs = [ex.submit(_run_image, (im, sts, opts)) for im, sts in per_image.items()]
+                for fu in futs:
+                    for res in fu.result():
+                        done[(res["image"], res["setting"])] = res
+                        _save_case(run_dir, res)
+                        bar.update(len(names))
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"interrupted: {len(done)} finished cases are in {run_dir}/cases; continue with "
+              f"python {_PROG} --resume={run_dir} (and the same options)", file=sys.stderr)
+        raise
+    bar.close()
+    case_results = [done[(im, s)] for im in opts["_images"] for s in opts["_settings"]]
+    rows_flat = [{c: r.get(c, "") for c in ("image", "setting", "method", "group") + _COLS} for cr in case_results
+                 for r in cr["rows"]]
+    figures.save_csv(os.path.join(run_dir, "table.csv"), rows_flat)
+    md = markdown_table(case_results, names)
+    figures._atomic(os.path.join(run_dir, "table.md"), lambda tmp: open(tmp, "w").write(md))
+    grid_methods = [n for n in names if ROWS[n].group != "data" or n == "blurry"]
+    grid_methods = [n for n in grid_methods if n not in ("TV paper 300 it", "TV paper reg. converged")]
+    for im in opts["_images"]:
+        grid_figure(case_results, im, os.path.join(run_dir, f"grid_{im}.png"), grid_methods)
+    kernels_figure(case_results, os.path.join(run_dir, "kernels.png"))
+    gains_figure(case_results, os.path.join(run_dir, "gains.png"))
+    g = gains(case_results)
+    skipped = {k: v for c in case_results for k, v in c["skipped"].items()}
+    summary = {"gains": g, "skipped_rows": skipped, "seconds": time.perf_counter() - t0,
+               "cases": [c["case"] for c in case_results], "paper_mapping_n": case_results[0]["rows"] and
+               P.paper_upper_mapping(3 * opts["size"] ** 2)}
+    figures.save_json(os.path.join(run_dir, "summary.json"), summary)
+    return {"run_dir": run_dir, "cases": case_results, "gains": g, "markdown": md, "skipped": skipped}
+
+
+def main(argv):
+    argv = [f"{a}=true" if a in tuple("--" + f for f in _FLAGS) else a for a in argv]
+    try:
+        cfg, _ = config.parse_argv(DEFAULTS, argv)
+        if cfg["list_rows"]:
+            for r in ROWS.values():
+                why = r.available() if r.available else None
+                print(f"{r.name:28s} {r.group:7s} {'' if why is None else 'unavailable: ' + why}")
+            return 0
+        out = run(cfg)
+    except ConfigError as e:
+        config.fail(_PROG, e)
+    except KeyboardInterrupt:
+        return 130
+    print(out["markdown"])
+    for k, v in out["skipped"].items():
+        print(f"not run: {k} ({v})")
+    print(out["run_dir"])
+    g = out["gains"]
+    print("adp_gain_db " + " ".join(f"{k}={g[k]['mean']:.3f}" for k in GAINS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
