@@ -57,7 +57,6 @@ with β = 0.1 (squared H¹, the package's default), ε₀ = 10⁻², δ₀ = 10�
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -181,10 +180,6 @@ def kernel_move(b: torch.Tensor, b0: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------------
 # lower and upper levels (adapter over the library's constructors)
 # --------------------------------------------------------------------------------------------
-def _new_api() -> bool:
-    return "regulariser" in inspect.signature(lower_level.LowerLevel.__init__).parameters
-
-
 def make_reg(kind: str, weight: float, smoothing: float):
     from regularisers import make_regulariser
     return make_regulariser(kind, weight, smoothing)
@@ -192,26 +187,16 @@ def make_reg(kind: str, weight: float, smoothing: float):
 
 def lower_objective(b, y, kind: str, weight: float, smoothing: float, mu0: float = MU0):
     """``h(·, b) = ½‖B_b x − y‖² + weight·R_smoothing(x) + (μ₀/2)‖x‖²`` (``kind``: 'tv' | 'tv_aniso')."""
-    if _new_api():
-        return lower_level.LowerLevel(b, y, make_reg(kind, weight, smoothing), mu0)
-    if kind != "tv":
-        raise NotImplementedError("anisotropic TV needs the regulariser interface of lower_level.LowerLevel")
-    return lower_level.LowerLevel(b, y, weight, smoothing, mu0)
+    return lower_level.LowerLevel(b, y, make_reg(kind, weight, smoothing), mu0)
 
 
 def adp_problem_for(case: Case, kind: str, weight: float, smoothing: float, beta: float,
                     upper_operator: str = "learned", b0=None, known_kernel=None, metrics_fn=None):
     """``ADPBetaProblem`` on ``case`` (``b0`` defaults to the case's known kernel; ``known_kernel``
     is ``A``'s kernel for ``upper_operator='known'``, default ``b₀``)."""
-    b0 = case.b0 if b0 is None else b0
-    if _new_api():
-        return adp_problem.ADPBetaProblem(case.y, b0, make_reg(kind, weight, smoothing), beta, mu0=MU0,
-                                          upper_operator=upper_operator, known_kernel=known_kernel,
-                                          metrics_fn=metrics_fn)
-    if kind != "tv":
-        raise NotImplementedError("anisotropic TV needs the regulariser interface of ADPBetaProblem")
-    return adp_problem.ADPBetaProblem(case.y, b0, weight, smoothing, beta, MU0, upper_operator,
-                                      known_kernel=known_kernel, metrics_fn=metrics_fn)
+    return adp_problem.ADPBetaProblem(case.y, case.b0 if b0 is None else b0, make_reg(kind, weight, smoothing), beta,
+                                      mu0=MU0, upper_operator=upper_operator, known_kernel=known_kernel,
+                                      metrics_fn=metrics_fn)
 
 
 def h1_norm(b: torch.Tensor, b0: torch.Tensor) -> torch.Tensor:
@@ -289,25 +274,14 @@ class UnsquaredH1(BilevelProblem):
 # --------------------------------------------------------------------------------------------
 # the paper's step rule and fixed-iteration TV
 # --------------------------------------------------------------------------------------------
-def power_iteration(apply, v0: torch.Tensor, iters: int) -> float:
-    """Rayleigh-quotient estimate ``⟨v, Hv⟩`` of the largest eigenvalue of a symmetric PSD ``H``
-    after ``iters`` normalised power steps from ``v0`` (a lower bound on ``‖H‖``)."""
-    v = v0 / torch.linalg.vector_norm(v0)
-    for _ in range(iters):
-        w = apply(v)
-        v = w / torch.linalg.vector_norm(w)
-    return torch.sum(v * apply(v)).item()
-
-
 def paper_tv_step(case: Case, b=None, seed: int = 0) -> float:
-    """The paper's TV step ``1/L₁₀₀``: ``L₁₀₀`` from ``PAPER['power_iters']`` power iterations on
-    ``∇²ₓₓ[½‖B_b x − y‖² + 100·e⁻⁶ R(x)]`` at ``x = y`` (the written ×100 weight), from a seeded
-    standard-normal vector."""
+    """The paper's TV step ``1/L₁₀₀``: ``L₁₀₀`` from ``PAPER['power_iters']`` power iterations
+    (``lower_level.hessian_norm_estimate``, seeded) on ``∇²ₓₓ[½‖B_b x − y‖² + 100·e⁻⁶ R(x)]`` at
+    ``x = y`` (the written ×100 weight)."""
     b = case.b0 if b is None else b
     h = lower_objective(b, case.y, PAPER["tv_kind"], PAPER["tv_written_factor"] * PAPER["tv_weight"],
                         PAPER["tv_smoothing"])
-    v0 = torch.randn(case.y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return 1.0 / power_iteration(lambda v: h.hvp(case.y, v), v0.to(case.y.dtype), PAPER["power_iters"])
+    return 1.0 / lower_level.hessian_norm_estimate(h, case.y, PAPER["power_iters"], seed)
 
 
 def paper_lower(case: Case, b=None):
@@ -318,12 +292,8 @@ def paper_lower(case: Case, b=None):
 
 def fixed_iterations(h, x0: torch.Tensor, iters: int, step: float) -> torch.Tensor:
     """``iters`` FISTA iterations with the fixed ``step`` on ``h`` from ``x0`` (the paper's TV
-    baseline): ``lower_level.solve_lower_fixed`` when the library provides it."""
-    fixed = getattr(lower_level, "solve_lower_fixed", None)
-    if fixed is None:
-        raise NotImplementedError("lower_level.solve_lower_fixed (the paper's fixed-step TV) is not available")
-    out = fixed(h, x0, iters, step)
-    return out.x if hasattr(out, "x") else out
+    baseline; ``lower_level.solve_lower_fixed``, FISTA momentum with ``L = 1/step``)."""
+    return lower_level.solve_lower_fixed(h, x0, iters, step).x
 
 
 def paper_upper_mapping(n: int) -> dict:

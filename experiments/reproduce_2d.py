@@ -75,9 +75,10 @@ threads = 1                # torch threads per process
 results_dir = "Results/reproduction"
 resume = ""                # a previous run folder: its finished cases are reused
 list_rows = False          # print the row names and exit
+dip_iterations = 0         # DIP rows: Adam iterations (0: DIP.py's default)
 DEFAULTS = config.defaults(globals())
 _PROG = "experiments/reproduce_2d.py"
-_QUICK = dict(images="astronaut", size=64, upper_iter=6)
+_QUICK = dict(images="astronaut", size=64, upper_iter=6, dip_iterations=60)
 _FLAGS = ("quick", "with_dip", "list_rows")
 
 import torch  # noqa: E402
@@ -155,19 +156,6 @@ def _blurry(ctx):
     return _scores(ctx, "blurry", ctx.case.y)
 
 
-def _paper_fixed_available():
-    import lower_level
-    if not hasattr(lower_level, "solve_lower_fixed"):
-        return "lower_level.solve_lower_fixed (fixed-step TV solver) not available"
-    return _aniso_available()
-
-
-def _aniso_available():
-    if not P._new_api():
-        return "the regulariser interface (anisotropic TV) is not available in lower_level/adp_problem"
-    return None
-
-
 def _tv_paper(iters):
     def fn(ctx):
         step = ctx.once("paper_step", lambda: P.paper_tv_step(ctx.case))
@@ -177,10 +165,10 @@ def _tv_paper(iters):
 
 
 for _it in (100, 300, 1000):
-    row(f"TV paper {_it} it", "paper", _paper_fixed_available)(_tv_paper(_it))
+    row(f"TV paper {_it} it", "paper")(_tv_paper(_it))
 
 
-@row("TV paper reg. converged", "paper", _aniso_available)
+@row("TV paper reg. converged", "paper")
 def _tv_paper_converged(ctx):
     from lower_level import solve_lower
     r, sec = _timed(lambda: solve_lower(P.paper_lower(ctx.case), ctx.case.y.clone(), P.FAIR["tv_eps"],
@@ -189,7 +177,7 @@ def _tv_paper_converged(ctx):
                    stop="converged" if r.converged else "max_iter")
 
 
-@row("ADP paper protocol", "paper", _aniso_available)
+@row("ADP paper protocol", "paper")
 def _adp_paper(ctx):
     from maid import maid
     case = ctx.case
@@ -265,25 +253,43 @@ def _oracle(ctx):
                    stop="converged" if r.converged else "max_iter")
 
 
-# ---- proximal MAID rows (issue 17): registered only when maid has a prox step --------------
-def _prox_available():
-    import maid
-    if "prox" not in getattr(maid.maid, "__code__", None).co_varnames:
-        return "maid.maid has no prox argument (proximal MAID not available)"
-    try:
-        import prox  # noqa: F401
-    except ImportError:
-        return "prox.py not available"
-    return None
-
-
-# ---- DIP rows (--with_dip): hook for DIP.run(cfg) -> {psnr_es, ssim_es, psnr_best, ...} -------
+# ---- DIP rows (--with_dip): DIP.run(cfg) -> {psnr_es, ssim_es, psnr_best, ssim_best, ...} ----
 def _dip_available():
     try:
         import DIP
     except Exception as e:  # noqa: BLE001  (a module being edited may fail to import)
         return f"DIP.py cannot be imported ({type(e).__name__})"
     return None if callable(getattr(DIP, "run", None)) else "DIP.run is not available"
+
+
+def _dip_summary(ctx) -> dict:
+    """One ``DIP.run`` on this case's data (same generator, same data configuration; float32):
+    the known kernel for motion, the simplex-learned kernel for the semiblind settings; DIP's own
+    defaults otherwise (``dip_iterations`` overrides the iteration count)."""
+    def go():
+        import DIP
+        cfg = {k: v for k, v in P.data_config(ctx.case.image, ctx.case.setting, ctx.opts["size"]).items()
+               if k in DIP.DEFAULTS}
+        cfg.update(learn_kernel=ctx.case.setting != "motion", device="cpu", progress=False,
+                   results_dir=os.path.join(ctx.opts["_run_dir"], "dip"))
+        if ctx.opts["dip_iterations"]:
+            cfg["iterations"] = ctx.opts["dip_iterations"]
+        t0 = time.perf_counter()
+        out = DIP.run(cfg)
+        return dict(out, _seconds=time.perf_counter() - t0)
+    return ctx.once("dip", go)
+
+
+@row("DIP ES-WMV", "dip", _dip_available)
+def _dip_es(ctx):
+    s = _dip_summary(ctx)
+    return dict(psnr=s["psnr_es"], ssim=s["ssim_es"], time_s=s["_seconds"], stop=f"ES it {s.get('stop_iter')}")
+
+
+@row("DIP best iterate (oracle)", "dip", _dip_available)
+def _dip_best(ctx):
+    s = _dip_summary(ctx)
+    return dict(psnr=s["psnr_best"], ssim=s["ssim_best"], time_s=0.0, stop=f"best it {s.get('best_iter')}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -548,6 +554,7 @@ def run(cfg: dict | None = None, **overrides) -> dict:
     torch.set_num_threads(opts["threads"])
     run_dir = config.make_run_dir(opts["results_dir"], time.strftime("%Y%m%d-%H%M%S") + ("_quick" if opts["quick"] else ""))
     os.makedirs(os.path.join(run_dir, "cases"))
+    opts["_run_dir"] = run_dir
     figures.save_json(os.path.join(run_dir, "config.json"), {k: v for k, v in opts.items() if not k.startswith("_")})
     names = [r.name for r in selected_rows(opts)]
     todo, done = [], {}

@@ -95,19 +95,11 @@ def test_h1_dual_norm_is_the_supremum():
     assert max(ratio(rand(3, 1, 5, 5, seed=100 + i)) for i in range(200)) <= dual * (1 + 1e-12)
 
 
-def test_power_iteration_and_paper_step():
-    """:func:`protocols.power_iteration` is a Rayleigh quotient: below ``λ_max`` of a dense SPD
-    matrix (eigvalsh reference) and within 1e-8 of it after 300 steps (ratio of the two largest
-    eigenvalues 0.5 here); the paper's step ``1/L₁₀₀`` is at least ``1/L`` of the Hessian with the
-    ×100 weight (``L`` the closed-form bound of ``LowerLevel``), and far below ``1/L`` of the
-    objective it descends (SPEC §5: 50–100×; asserted > 10×)."""
-    Q, _ = torch.linalg.qr(rand(20, 20, seed=7))
-    evals = torch.linspace(0.1, 2.0, 20)
-    evals[-2] = 1.0
-    A = Q @ torch.diag(evals) @ Q.T
-    v0 = rand(20, seed=8)
-    assert P.power_iteration(lambda v: A @ v, v0, 10) <= 2.0 + 1e-12
-    assert P.power_iteration(lambda v: A @ v, v0, 300) == pytest.approx(2.0, rel=1e-8)
+def test_paper_step_is_the_power_iteration_step():
+    """The paper's TV step ``1/L₁₀₀`` (10 power iterations at ``x = y`` with the ×100 weight) is at
+    least ``1/L`` of that Hessian (a power-iteration estimate is below ``‖H‖ ≤ L``, the closed-form
+    bound of ``LowerLevel``), and far below ``1/L`` of the objective it descends (SPEC §5: 50–100×
+    smaller; asserted ≥ 10× so that a step computed without the ×100 fails)."""
     case = P.make_case("astronaut", "motion", size=32)
     step = P.paper_tv_step(case)
     h100 = P.lower_objective(case.b0, case.y, "tv_aniso", 100 * P.PAPER["tv_weight"], P.PAPER["tv_smoothing"])
