@@ -68,6 +68,8 @@ class LowerLevel:
     place), so the repeated products of conjugate gradient at a fixed ``x`` cost one FFT pair
     plus a short stencil.  When autograd records a graph through ``x`` (or ``v``) or through a
     parameter of ``R``, plain formulas are used instead, so ``grad``/``hvp`` stay differentiable.
+    ``mu`` and ``L`` are computed from ``R``'s parameters here: build a new ``LowerLevel`` after
+    changing them.
     """
 
     def __init__(self, b: torch.Tensor, y: torch.Tensor, regulariser: Regulariser, mu0: float = 0.0):
@@ -123,10 +125,12 @@ class LowerLevel:
         return self._curvature(x).add_hvp_(out, v)
 
     def _curvature(self, x: torch.Tensor):
-        """``R.curvature(x)``, cached for the last ``x`` (same tensor object, same version)."""
-        if self._curv_key is None or self._curv_key[0] is not x or self._curv_key[1] != x._version:
+        """``R.curvature(x)``, cached for the last ``x`` (same tensor object, same version, and the
+        same versions of ``R``'s parameter tensors, so an in-place optimiser step invalidates it)."""
+        versions = (x._version, *(p._version for p in self._params))
+        if self._curv_key is None or self._curv_key[0] is not x or self._curv_key[1] != versions:
             self._curv = self.regulariser.curvature(x)
-            self._curv_key = (x, x._version)
+            self._curv_key = (x, versions)
         return self._curv
 
 

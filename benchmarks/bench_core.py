@@ -14,8 +14,9 @@ Section 1 times, on the same data and in the same run,
 * one Hessian-vector product ``∇²ₓₓh(x) v``,
 
 for our closed form (``LowerLevel.grad`` / ``LowerLevel.hvp``) and for plain autograd on the
-*same* objective ``h(x) = ½‖B_b x − y‖² + α R_γ(x) + (μ₀/2)‖x‖²``, written with the same forward
-operators (``LowerLevel.value``: our FFT blur, our finite differences):
+*same* objective ``h(x) = ½‖B_b x − y‖² + R(x) + (μ₀/2)‖x‖²``, ``R = SmoothedTV(α, γ)`` (the fused
+fast path), written with the same forward operators (``LowerLevel.value``: our FFT blur, our
+finite differences):
 
 * autograd gradient: ``torch.autograd.grad(h(x), x)``;
 * autograd HVP by double backward, in the two situations that occur: (a) a product at a new
@@ -54,10 +55,11 @@ import torch.nn.functional as F  # noqa: E402
 
 from lower_level import LowerLevel, fista  # noqa: E402
 from operators import Blur, motion_kernel  # noqa: E402
+from regularisers import SmoothedTV  # noqa: E402
 
-# lower-level parameters of every benchmark: ADP.py's defaults when this was written (α = tv_weight,
-# γ = tv_smoothing, μ₀ = mu0); the timings hardly depend on them
-ALPHA, GAMMA, MU0 = 0.005, 0.01, 1e-2
+# lower-level parameters of every benchmark: ADP.py's defaults when this was written (TV weight α,
+# TV smoothing γ, μ₀); the timings hardly depend on them
+TV_WEIGHT, TV_SMOOTHING, MU0 = 0.005, 0.01, 1e-2
 # one timed sample of the lower-level iteration = this many solver iterations (time divided by it)
 ITERS_PER_SAMPLE = 5
 
@@ -117,7 +119,7 @@ def make_problem(size: int = 256, channels: int = 3, dtype=torch.float32, device
     b = motion_kernel(kernel_size, channels=channels, dtype=dtype, device=device)
     x_true = x_true.to(dtype=dtype, device=device)
     y = Blur(b, (size, size)).A(x_true) + 0.02 * noise.to(dtype=dtype, device=device)
-    h = LowerLevel(b, y, ALPHA, GAMMA, MU0)
+    h = LowerLevel(b, y, SmoothedTV(TV_WEIGHT, TV_SMOOTHING), MU0)
     return SimpleNamespace(h=h, b=b, y=y, x=y.clone(), v=v.to(dtype=dtype, device=device))
 
 
@@ -290,7 +292,7 @@ def bench_blur(size: int = 256, channels: int = 3, dtype=torch.float32, device="
     g = torch.Generator().manual_seed(1)
     b = torch.rand(channels, 1, 5, 5, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
     b = b / b.sum(dim=(-2, -1), keepdim=True)
-    h = LowerLevel(b, P.y, ALPHA, GAMMA, MU0)
+    h = LowerLevel(b, P.y, SmoothedTV(TV_WEIGHT, TV_SMOOTHING), MU0)
     x, y = P.x.unsqueeze(0).contiguous(), P.y.unsqueeze(0).contiguous()
     impls = blur_implementations(b, (size, size), device)
     Bty = {name: op.A_adjoint(y) for name, op in impls.items()}

@@ -102,3 +102,20 @@ def test_hvp_result_is_not_aliased_to_cached_buffers():
     g_copy = g.clone()
     h.grad(2 * x)
     assert torch.equal(g, g_copy)
+
+
+def test_hvp_curvature_cache_follows_regulariser_parameters():
+    """An in-place change of the regulariser's parameters (an optimiser step, ``project_``) at the
+    same ``x`` invalidates the cached curvature: the product equals a freshly built ``LowerLevel``'s
+    (1e-12); a stale cache would return the first product."""
+    from regularisers import FieldsOfExperts
+    R = FieldsOfExperts(2, n_filters=2, size=3, smoothing=1e-2, scale=0.1, seed=3)
+    b = gaussian_kernel(3, 0.7, channels=2)
+    h = LowerLevel(b, rand(2, 10, 9, seed=17), R, 1e-2)
+    x, v = rand(2, 10, 9, seed=18), rand(2, 10, 9, seed=19)
+    first = h.hvp(x, v)
+    with torch.no_grad():
+        R.filters.mul_(2.0)
+    second = h.hvp(x, v)
+    assert not torch.allclose(first, second)
+    assert torch.allclose(second, LowerLevel(b, h.y, R, 1e-2).hvp(x, v), atol=1e-12)
