@@ -345,12 +345,14 @@ class SmoothedTV(Regulariser):
         return _TVCurvature(x, self.smoothing, self.weight)
 
     def lipschitz(self):
-        return FiniteDifference.NORM_SQ_BOUND * self.weight / self.smoothing if self._fused else \
-            FiniteDifference.NORM_SQ_BOUND * _max_ratio(self.weight, self.smoothing)
+        if self._fused:     # this order of operations gives the pre-seam constant bit for bit
+            return FiniteDifference.NORM_SQ_BOUND * self.weight / self.smoothing
+        return FiniteDifference.NORM_SQ_BOUND * _max_ratio(self.weight, self.smoothing)
 
     def hessian_lipschitz(self):
-        return 48 * math.sqrt(8) * self.weight / self.smoothing**2 if self._fused else \
-            48 * math.sqrt(8) * _max_ratio(self.weight, self.smoothing, 2)
+        if self._fused:
+            return 48 * math.sqrt(8) * self.weight / self.smoothing**2
+        return 48 * math.sqrt(8) * _max_ratio(self.weight, self.smoothing, 2)
 
     def parameters(self):
         return {k: v for k, v in (("weight", self.weight), ("smoothing", self.smoothing)) if torch.is_tensor(v)}
