@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from lower_level import LowerLevel, solve_lower
 from maid import BilevelProblem, ErrorConstants
 from operators import Blur, conv_operator_norm, h1_penalty, h1_penalty_grad, kernel_correlation
