@@ -2,16 +2,22 @@
 
     python ADP.py                              # defaults below
     python ADP.py --setting=semiblind --image=coffee
+    python ADP.py presets/paper.py             # a preset (file of constants), then --name=value overrides
     python ADP.py --resume=Results/<run>/checkpoint.pt
 
-Every constant below can be overridden with --name=value.  The script then reads top to
-bottom: check the configuration, make the data, solve the TV baseline with the known kernel
-b₀, run MAID on the kernel, write figures and logs into a new folder under results_dir.
+    import ADP; summary = ADP.run(setting="semiblind", upper_iter=10)     # importable, no side effects
+
+Every constant below can be overridden with --name=value (or as a keyword of :func:`run`).  A run
+reads top to bottom: check the configuration, make the data, solve the TV baseline with the
+known kernel b₀, run MAID on the kernel, write figures and logs into a new folder under
+results_dir.  Nothing is written before every check has passed.
+
+Names (one name, one meaning): ``tv_weight`` is the regulariser weight α of the lower level,
+``step`` the upper-level (MAID) step α₀ and ``nu_step`` its increase ν_α; the old names
+``alpha`` and ``nu_alpha`` are refused with a hint (``RENAMED``).
 """
 import math
 import os
-import shutil
-import signal
 import sys
 import time
 
@@ -30,7 +36,8 @@ semiblind_sigma = 0.5      # σ of the unknown extra Gaussian in the 'semiblind'
 noise_level = 5 / 255      # standard deviation of the Gaussian noise
 seed = 0                   # seed of the noise
 # lower level  h(x, b) = ½‖B_b x − y‖² + tv_weight R_γ(x) + (mu0/2)‖x‖²
-tv_weight = 0.005          # α, weight of the smoothed TV (grid search, see README)
+regulariser = "tv"         # tv: isotropic smoothed TV | tv_aniso: each difference in its own square root
+tv_weight = 0.005          # α, weight of the regulariser (grid search, see README)
 tv_smoothing = 0.01        # γ in R_γ(x) = Σ sqrt(|∇x|² + γ²) (grid search)
 mu0 = 1e-2                 # μ₀, Tikhonov term making h strongly convex for every kernel
 lower_solver = "fista"     # fista | agd
@@ -40,14 +47,14 @@ beta = 0.1                 # β, weight of the H¹ kernel penalty (grid search, 
 upper_operator = "learned"  # learned: A_up = B_b (the paper's 2D choice) | known: A_up = B_{b₀}
 # MAID
 upper_iter = 40            # maximum number of upper iterations
-alpha = 1.0                # initial upper-level step size α₀
+step = 1.0                 # initial upper-level step size α₀
 eps0 = 1e-2                # initial lower-level accuracy ε₀ (‖x̃ − x̂‖ ≤ ε, Euclidean norm over all pixels)
 delta0 = 1e-6              # initial CG accuracy δ₀ (absolute residual norm; ‖∇ₓg‖ ≈ 1e-4 here); scaled with ε afterwards
-threshold = 1e-3           # MAID stops when ε < threshold
+threshold = 1e-3           # MAID stops when ε < threshold (must be < eps0)
 rho = 0.5                  # backtracking factor ρ
 tau = 0.5                  # accuracy decrease τ after a failed line search
 nu = 1.05                  # accuracy increase ν after a success
-nu_alpha = 10 / 9          # step increase ν_α after a success
+nu_step = 10 / 9           # step increase ν_α after a success
 eta = 1e-4                 # sufficient-decrease constant η
 backtracks = 5             # at most this many step sizes per line search
 cg_iter = 200              # cap on CG iterations per linear solve
@@ -58,45 +65,62 @@ results_dir = "Results"    # a new folder is made inside for every run
 device = "auto"            # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
 dtype = "float64"          # float64 | float32 (float32: ‖∇h‖ stalls near 1e-5, solves hit lower_iter; see README)
 resume = ""                # path to a checkpoint.pt (or its run folder) to continue an interrupted run
+progress = True            # tqdm progress bar and the printed summary table
 # ------------------------------------------------------------------------------------------
-_PROG = "ADP.py"
-_IMAGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "images")
-_MIN_SIZE = 11             # SSIM's Gaussian window (σ = 1.5) is 11×11
-_RUN_LOCAL = ("results_dir", "device", "resume")        # never taken from a checkpoint's saved config
-_RESUME_OVERRIDES = _RUN_LOCAL + ("upper_iter",)        # what a resumed run may change
+import config  # noqa: E402
+from config import ConfigError, check, finite_positive, valid_seed  # noqa: E402
 
-from config import (ConfigError, apply_overrides, check, fail, finite_positive, make_run_dir,  # noqa: E402
-                    setting_names, valid_seed)
-
-_CONFIG_NAMES = setting_names(globals())   # the constants above, in order
-
-try:
-    _overrides = apply_overrides(globals(), sys.argv[1:], _CONFIG_NAMES)
-except ConfigError as e:
-    fail(_PROG, e)
-
-# Ctrl-C must raise KeyboardInterrupt even if the parent started us with SIGINT ignored
-# (as a non-interactive shell does for background jobs): the MAID loop turns it into a checkpoint.
-signal.signal(signal.SIGINT, signal.default_int_handler)
+DEFAULTS = config.defaults(globals())      # the constants above, in order
+RENAMED = {"alpha": "step", "nu_alpha": "nu_step"}
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import figures  # noqa: E402
 from adp_problem import UPPER_OPERATORS, ADPBetaProblem  # noqa: E402
+from imaging import make_data, psnr_ssim, resolve_device  # noqa: E402
 from lower_level import SOLVERS, solve_lower  # noqa: E402
 from maid import MAIDConfig, MAIDState, maid  # noqa: E402
-from imaging import make_data, psnr_ssim, resolve_device  # noqa: E402
+from regularisers import REGULARISERS, make_regulariser  # noqa: E402
 
+PROG = "ADP.py"
 SETTINGS = ("motion", "gaussian", "disc", "semiblind")
+NO_STEP_LABEL = "unchanged (no step accepted)"
+_IMAGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "images")
+_MIN_SIZE = 11             # SSIM's Gaussian window (σ = 1.5) is 11×11
+_RUN_LOCAL = ("results_dir", "device", "resume", "progress")   # never taken from a checkpoint's saved config
+_RESUME_OVERRIDES = _RUN_LOCAL + ("upper_iter",)               # what a resumed run may change
 
 
-def current_config() -> dict:
-    return {k: globals()[k] for k in _CONFIG_NAMES}
+class NumericalError(RuntimeError):
+    """The computation met NaN/Inf in a way no input check foresaw (exit status 1, one line)."""
+
+
+# ------------------------------------------------------------------------------------------
+# checks (before anything is computed or written)
+# ------------------------------------------------------------------------------------------
+def _range_checks(cfg: dict) -> None:
+    """Weights whose squares or reciprocal squares the solvers form must be representable in the
+    dtype: each quantity q below must satisfy √tiny ≤ q ≤ √max (float64: 1.5e-154 … 1.3e154;
+    float32: 1.1e-19 … 1.8e19), so that q², 1/q² and the products of two such factors neither
+    underflow to 0 nor overflow to Inf.  The derived ones are the TV curvature constants
+    (γ², α/γ in the smoothness bound L, α/γ² in L_H) and 1/μ₀ (the strong-convexity constant)."""
+    fi = torch.finfo(getattr(torch, cfg["dtype"]))
+    lo, hi = math.sqrt(fi.tiny), math.sqrt(fi.max)
+    a, g = cfg["tv_weight"], cfg["tv_smoothing"]
+    quantities = [(k, cfg[k]) for k in ("tv_weight", "tv_smoothing", "beta", "mu0", "step", "eps0", "delta0",
+                                        "threshold", "eta", "baseline_eps")]
+    quantities += [("noise_level", cfg["noise_level"])] if cfg["noise_level"] > 0 else []
+    quantities += [("tv_smoothing² (γ²)", g * g), ("tv_weight/tv_smoothing (α/γ)", a / g),
+                   ("tv_weight/tv_smoothing² (α/γ²)", a / g / g), ("1/mu0", 1 / cfg["mu0"])]
+    for name, q in quantities:
+        check(lo <= q <= hi, f"{name} = {q:.3g} is outside the range the solvers can use in {cfg['dtype']} "
+                             f"[{lo:.2g}, {hi:.2g}] (its square would under- or overflow); choose a value in that "
+                             f"range" + (" or --dtype=float64" if cfg["dtype"] == "float32" else ""))
 
 
 def validate(cfg: dict) -> None:
-    """Check every setting before anything is computed or written (one clear message each)."""
+    """Check every setting (one clear message each); raises :class:`config.ConfigError`."""
     check(cfg["setting"] in SETTINGS, f"unknown setting {cfg['setting']!r}; use one of {', '.join(SETTINGS)}")
     check(cfg["kernel_size"] > 0 and cfg["kernel_size"] % 2 == 1,
           f"kernel_size must be a positive odd integer, got {cfg['kernel_size']} (try --kernel_size=5)")
@@ -108,8 +132,11 @@ def validate(cfg: dict) -> None:
           f"kernel_size={cfg['kernel_size']} is larger than the image ({cfg['size_y']}×{cfg['size_x']}); "
           f"use a smaller kernel or a larger image")
     check(cfg["channels"] in (1, 3), f"channels must be 1 (grey) or 3 (colour), got {cfg['channels']}")
+    check(cfg["dtype"] in ("float32", "float64"), f"dtype must be float32 or float64, got {cfg['dtype']!r}")
+    check(cfg["regulariser"] in REGULARISERS,
+          f"unknown regulariser {cfg['regulariser']!r}; use one of {', '.join(REGULARISERS)}")
     finite_positive("noise_level", cfg["noise_level"], allow_zero=True)
-    for name in ("tv_weight", "tv_smoothing", "beta", "eps0", "delta0", "alpha", "threshold", "eta",
+    for name in ("tv_weight", "tv_smoothing", "beta", "eps0", "delta0", "step", "threshold", "eta",
                  "baseline_eps", "blur_sigma", "semiblind_sigma"):
         finite_positive(name, cfg[name])
     check(math.isfinite(cfg["mu0"]) and cfg["mu0"] > 0,
@@ -117,165 +144,254 @@ def validate(cfg: dict) -> None:
           f"(the kernel's spectrum can vanish, e.g. the 5×5 motion kernel's at 320×240); try --mu0=1e-2")
     for name in ("rho", "tau"):
         check(0 < cfg[name] < 1, f"{name} must lie strictly between 0 and 1, got {cfg[name]}")
-    for name in ("nu", "nu_alpha"):
-        check(cfg[name] >= 1, f"{name} must be ≥ 1, got {cfg[name]}")
+    for name in ("nu", "nu_step"):
+        check(math.isfinite(cfg[name]) and cfg[name] >= 1, f"{name} must be a finite number ≥ 1, got {cfg[name]}")
+    check(cfg["threshold"] < cfg["eps0"],
+          f"threshold={cfg['threshold']:g} must be smaller than eps0={cfg['eps0']:g}: MAID stops as soon as ε < "
+          f"threshold, so it would run no iteration (e.g. --threshold={cfg['eps0'] / 10:g})")
     for name in ("upper_iter", "lower_iter", "cg_iter", "backtracks"):
         check(cfg[name] >= 1, f"{name} must be a positive integer, got {cfg[name]}")
     check(cfg["upper_operator"] in UPPER_OPERATORS,
           f"unknown upper_operator {cfg['upper_operator']!r}; use one of {', '.join(UPPER_OPERATORS)}")
     check(cfg["lower_solver"] in SOLVERS, f"unknown lower_solver {cfg['lower_solver']!r}; use one of {', '.join(SOLVERS)}")
-    check(cfg["dtype"] in ("float32", "float64"), f"dtype must be float32 or float64, got {cfg['dtype']!r}")
+    _range_checks(cfg)
 
 
 # ------------------------------------------------------------------------------------------
-# 1. configuration, checkpoint, data
+# the pieces shared with benchmarks/grid_search.py
 # ------------------------------------------------------------------------------------------
-try:
-    _t_start = time.perf_counter()
-    _checkpoint = None
-    if resume:
-        _path = os.path.join(resume, "checkpoint.pt") if os.path.isdir(resume) else resume
-        check(os.path.isfile(_path), f"no checkpoint at {resume!r}; give the checkpoint.pt of an interrupted run")
-        try:
-            _checkpoint = torch.load(_path, map_location="cpu", weights_only=False)
-            _saved = _checkpoint["config"]
-            if not (isinstance(_saved, dict) and isinstance(_checkpoint.get("state"), dict)):
-                raise TypeError("no config/state dictionaries")
-        except Exception as e:  # noqa: BLE001  (any unreadable file)
-            raise ConfigError(f"{_path!r} is not a readable ADP.py checkpoint ({type(e).__name__}); give the "
-                              f"checkpoint.pt that ADP.py wrote")
-        _other = sorted(set(_overrides) - set(_RESUME_OVERRIDES))
-        check(not _other, f"--resume continues a run with its saved settings; only "
-                          f"{', '.join('--' + k for k in _RESUME_OVERRIDES)} may be given with it, not "
-                          f"{', '.join('--' + k for k in _other)} (start a new run to change them)")
-        globals().update({k: v for k, v in _saved.items() if k not in _RUN_LOCAL and k not in _overrides})
-    cfg = current_config()
-    validate(cfg)
-    dev = resolve_device(device, dtype)
-    dt = getattr(torch, dtype)
+def build_problem(cfg: dict, y: torch.Tensor, b0: torch.Tensor, metrics_fn=None) -> ADPBetaProblem:
+    """ADP-β (SPEC §1) for the data ``(y, b₀)`` with ``cfg``'s regulariser, β, μ₀, upper operator
+    and lower solver."""
+    reg = make_regulariser(cfg["regulariser"], cfg["tv_weight"], cfg["tv_smoothing"])
+    return ADPBetaProblem(y, b0, reg, cfg["beta"], cfg["mu0"], cfg["upper_operator"], solver=cfg["lower_solver"],
+                          metrics_fn=metrics_fn)
+
+
+def maid_config(cfg: dict) -> MAIDConfig:
+    """MAID's parameters (SPEC §3) from the driver's names."""
+    return MAIDConfig(eps0=cfg["eps0"], delta0=cfg["delta0"], step0=cfg["step"], rho=cfg["rho"], tau=cfg["tau"],
+                      nu=cfg["nu"], nu_step=cfg["nu_step"], eta=cfg["eta"], max_backtracks=cfg["backtracks"],
+                      eps_min=cfg["threshold"], max_iter=cfg["upper_iter"], lower_max_iter=cfg["lower_iter"],
+                      cg_max_iter=cfg["cg_iter"], descent_check=cfg["descent_check"])
+
+
+def solve_baseline(problem: ADPBetaProblem, cfg: dict, b0: torch.Tensor, y: torch.Tensor):
+    """The fair baseline: TV with the known kernel b₀, solved from ``y`` until ‖∇h‖ ≤ μ·baseline_eps."""
+    return solve_lower(problem.lower(b0), y.clone(), cfg["baseline_eps"], 10 * cfg["lower_iter"], cfg["lower_solver"])
+
+
+# ------------------------------------------------------------------------------------------
+# configuration and checkpoint
+# ------------------------------------------------------------------------------------------
+def _load_checkpoint(resume_path: str) -> dict:
+    path = os.path.join(resume_path, "checkpoint.pt") if os.path.isdir(resume_path) else resume_path
+    check(os.path.isfile(path), f"no checkpoint at {resume_path!r}; give the checkpoint.pt of an interrupted run")
     try:
-        x_true, b0, y = make_data(cfg, _IMAGES, dev, dt)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if not (isinstance(ckpt["config"], dict) and isinstance(ckpt.get("state"), dict)):
+            raise TypeError("no config/state dictionaries")
+    except Exception as e:  # noqa: BLE001  (any unreadable file)
+        raise ConfigError(f"{path!r} is not a readable ADP.py checkpoint ({type(e).__name__}); give the "
+                          f"checkpoint.pt that ADP.py wrote")
+    return ckpt
+
+
+def resolve_config(given: dict) -> tuple[dict, dict | None]:
+    """``(cfg, checkpoint)``: the defaults updated with ``given``; with ``resume``, the checkpoint's
+    saved settings instead (old names translated), of which only ``_RESUME_OVERRIDES`` may differ."""
+    cfg = config.resolve(DEFAULTS, given, RENAMED)
+    if not cfg["resume"]:
+        return cfg, None
+    ckpt = _load_checkpoint(cfg["resume"])
+    saved = {RENAMED.get(k, k): v for k, v in ckpt["config"].items()}
+    saved = config.resolve(DEFAULTS, {k: v for k, v in saved.items() if k in DEFAULTS and k not in _RUN_LOCAL})
+    changed = sorted(k for k in given if k not in _RESUME_OVERRIDES and cfg[k] != saved[k])
+    check(not changed, f"--resume continues a run with its saved settings; only "
+                       f"{', '.join('--' + k for k in _RESUME_OVERRIDES)} may be given with it, not "
+                       f"{', '.join('--' + k for k in changed)} (start a new run to change them)")
+    resumed = dict(saved, **{k: cfg[k] for k in _RUN_LOCAL})
+    resumed.update({k: cfg[k] for k in given if k in _RESUME_OVERRIDES})
+    return resumed, ckpt
+
+
+def _state_from(ckpt: dict, dev) -> MAIDState:
+    return MAIDState(**{k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in ckpt["state"].items()})
+
+
+def _payload(cfg: dict, st: MAIDState) -> dict:
+    return {"config": cfg, "state": {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in vars(st).items()}}
+
+
+def _say(cfg: dict, *args, **kw) -> None:
+    if cfg["progress"]:
+        print(*args, **kw)
+
+
+# ------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------
+def run(cfg: dict | None = None, **overrides) -> dict:
+    """One ADP-β-MAID run; returns the summary (also written to ``summary.json``).
+
+    ``cfg`` and ``overrides`` name settings to change from :data:`DEFAULTS` (pass only those:
+    with ``resume``, any other setting that differs from the checkpoint's is refused).  Raises
+    :class:`config.ConfigError` on bad input before anything is written, :class:`NumericalError`
+    if the TV baseline meets NaN/Inf (its folder is then removed), and ``KeyboardInterrupt``
+    during the TV baseline (nothing to resume).  A Ctrl-C during MAID is not raised: the outputs
+    and a resumable checkpoint are written and the summary has ``interrupted = True``.
+    """
+    t_start = time.perf_counter()
+    given = {**(cfg or {}), **overrides}
+    cfg, ckpt = resolve_config(given)
+    validate(cfg)
+    try:
+        maid_config(cfg).validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    config.check_writable(cfg["results_dir"])
+    dev = resolve_device(cfg["device"], cfg["dtype"])
+    try:
+        x_true, b0, y = make_data(cfg, _IMAGES, dev, getattr(torch, cfg["dtype"]))
     except ValueError as e:                       # e.g. a kernel that is not finite in this dtype
         raise ConfigError(f"cannot build the data: {e}") from None
-    run_dir = make_run_dir(results_dir, time.strftime("%Y%m%d-%H%M%S") + f"_{setting}_{os.path.splitext(os.path.basename(image))[0]}")
-except ConfigError as e:
-    fail(_PROG, e)
+    state = None if ckpt is None else _state_from(ckpt, dev)
 
-print(f"ADP-β-MAID: {setting} blur, {os.path.basename(image)} {channels}×{size_y}×{size_x}, σ = {noise_level:.4g}, "
-      f"device {dev}, {dtype}, {torch.get_num_threads()} threads")
-figures.save_json(os.path.join(run_dir, "config.json"),
-                  dict(cfg, device_resolved=str(dev), resumed_from=resume or None, torch=torch.__version__))
+    def metrics(x):
+        p, s = psnr_ssim(x, x_true)
+        return {"psnr": p, "ssim": s}
 
+    _say(cfg, f"ADP-β-MAID: {cfg['setting']} blur, {os.path.basename(cfg['image'])} "
+              f"{cfg['channels']}×{cfg['size_y']}×{cfg['size_x']}, σ = {cfg['noise_level']:.4g}, device {dev}, "
+              f"{cfg['dtype']}, {torch.get_num_threads()} threads")
 
-def metrics(x):
-    p, s = psnr_ssim(x, x_true)
-    return {"psnr": p, "ssim": s}
+    # -- the fair baseline: TV with the known kernel b₀ (before any folder exists) -------------
+    problem = build_problem(cfg, y, b0, metrics)
+    t0 = time.perf_counter()
+    try:
+        base = solve_baseline(problem, cfg, b0, y)
+    except KeyboardInterrupt:
+        print("interrupted during the TV baseline, before MAID started: nothing written, nothing to resume",
+              file=sys.stderr)
+        raise
+    t_base = time.perf_counter() - t0
+    if base.status == "non_finite":
+        raise NumericalError(f"the TV baseline met NaN/Inf after {base.iters} iterations; check tv_weight, "
+                             f"tv_smoothing and mu0 (and the image)")
+    if not base.converged:
+        print(f"warning: TV baseline hit its iteration cap ({base.iters}) with ‖∇h‖ = {base.grad_norm:.3g} "
+              f"> μ ε = {problem.lower(b0).mu * cfg['baseline_eps']:.3g}", file=sys.stderr)
 
+    name = time.strftime("%Y%m%d-%H%M%S") + f"_{cfg['setting']}_{os.path.splitext(os.path.basename(cfg['image']))[0]}"
+    run_dir = config.make_run_dir(cfg["results_dir"], name)
+    figures.save_json(os.path.join(run_dir, "config.json"),
+                      dict(cfg, device_resolved=str(dev), resumed_from=cfg["resume"] or None, torch=torch.__version__))
 
-# ------------------------------------------------------------------------------------------
-# 2. the fair baseline: TV with the known kernel b₀, solved to convergence
-# ------------------------------------------------------------------------------------------
-problem = ADPBetaProblem(y, b0, tv_weight, tv_smoothing, beta, mu0, upper_operator, solver=lower_solver,
-                         metrics_fn=metrics)
-_t0 = time.perf_counter()
-try:
-    base = solve_lower(problem.lower(b0), y.clone(), baseline_eps, 10 * lower_iter, lower_solver)
-except KeyboardInterrupt:
-    print(f"interrupted during the TV baseline, before MAID started: nothing to resume ({run_dir} holds "
-          f"only config.json)", file=sys.stderr)
-    sys.exit(130)
-_t_base = time.perf_counter() - _t0
-if base.status == "non_finite":   # nothing worth keeping: remove the run folder made above (config.json only)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    print(f"ADP.py: error: the TV baseline met NaN/Inf after {base.iters} iterations; check tv_weight, tv_smoothing "
-          f"and mu0 (and the image)", file=sys.stderr)
-    sys.exit(1)
-if not base.converged:
-    print(f"warning: TV baseline hit its iteration cap ({base.iters}) with ‖∇h‖ = {base.grad_norm:.3g} "
-          f"> μ ε = {problem.lower(b0).mu * baseline_eps:.3g}", file=sys.stderr)
-x_tv = base.x
+    # -- ADP-β-MAID on the kernel b ---------------------------------------------------------
+    last_good = {}
+    bar = tqdm(total=cfg["upper_iter"], initial=0 if state is None else state.k, desc="MAID", unit="it",
+               dynamic_ncols=True, disable=not cfg["progress"])
 
-# ------------------------------------------------------------------------------------------
-# 3. ADP-β-MAID on the kernel b
-# ------------------------------------------------------------------------------------------
-maid_cfg = MAIDConfig(eps0=eps0, delta0=delta0, step0=alpha, rho=rho, tau=tau, nu=nu, nu_step=nu_alpha, eta=eta,
-                      max_backtracks=backtracks, eps_min=threshold, max_iter=upper_iter, lower_max_iter=lower_iter,
-                      cg_max_iter=cg_iter, descent_check=descent_check)
-state = None
-if _checkpoint is not None:
-    s = _checkpoint["state"]
-    state = MAIDState(**{k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in s.items()})
-last_good = {}
+    def on_iteration(rec, st):
+        """Progress bar, and a copy of the state after each completed iteration (for Ctrl-C)."""
+        last_good["payload"] = _payload(cfg, st)
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['upper_loss']:.4g}", psnr=f"{rec['psnr']:.2f}", eps=f"{rec['eps']:.2g}",
+                        step=f"{rec['step']:.2g}", acc="y" if rec["accepted"] else "n")
 
-
-def checkpoint_payload(st: MAIDState) -> dict:
-    return {"config": cfg, "state": {k: (v.detach().cpu() if torch.is_tensor(v) else v)
-                                     for k, v in vars(st).items()}}
-
-
-bar = tqdm(total=upper_iter, initial=0 if state is None else state.k, desc="MAID", unit="it", dynamic_ncols=True)
-
-
-def on_iteration(rec, st):
-    """Progress bar, and a copy of the state after each completed iteration (for Ctrl-C)."""
-    last_good["payload"] = checkpoint_payload(st)
-    bar.update(1)
-    bar.set_postfix(loss=f"{rec['upper_loss']:.4g}", psnr=f"{rec['psnr']:.2f}", eps=f"{rec['eps']:.2g}",
-                    step=f"{rec['step']:.2g}", acc="y" if rec["accepted"] else "n")
+    interrupted = False
+    try:
+        result = maid(problem, b0.clone(), y.clone(), maid_config(cfg), state=state, callback=on_iteration)
+        log, b_star, x_adp, stop_reason = result.log, result.theta, result.x, result.stop_reason
+        payload = _payload(cfg, result.state)
+    except KeyboardInterrupt:
+        interrupted = True
+        payload = last_good.get("payload") or _payload(
+            cfg, state or MAIDState(b0.clone(), y.clone(), None, cfg["eps0"], cfg["delta0"], cfg["step"]))
+        s = payload["state"]
+        log, b_star, x_adp, stop_reason = s["log"], s["theta"].to(dev), s["x"].to(dev), "interrupted"
+    bar.close()
+    if stop_reason == "non_finite":
+        print("warning: MAID met a NaN/Inf (iterate, loss or hypergradient) and stopped; the outputs hold the "
+              "last finite kernel and reconstruction", file=sys.stderr)
+    return _outputs(cfg, run_dir, x_true, y, b0, base, t_base, log, b_star, x_adp, stop_reason, payload,
+                    interrupted, t_start)
 
 
-interrupted = False
-try:
-    result = maid(problem, b0.clone(), y.clone(), maid_cfg, state=state, callback=on_iteration)
-    log, b_star, x_adp, stop_reason = result.log, result.theta, result.x, result.stop_reason
-    final_payload = checkpoint_payload(result.state)
-except KeyboardInterrupt:
-    interrupted = True
-    final_payload = last_good.get("payload") or checkpoint_payload(
-        state or MAIDState(b0.clone(), y.clone(), None, eps0, delta0, alpha))
-    s = final_payload["state"]
-    log, b_star, x_adp, stop_reason = s["log"], s["theta"].to(dev), s["x"].to(dev), "interrupted"
-bar.close()
-if stop_reason == "non_finite":
-    print("warning: MAID met a NaN/Inf (iterate, loss or hypergradient) and stopped; the outputs hold the "
-          "last finite kernel and reconstruction", file=sys.stderr)
+def _outputs(cfg, run_dir, x_true, y, b0, base, t_base, log, b_star, x_adp, stop_reason, payload, interrupted,
+             t_start) -> dict:
+    """Write log, kernels, checkpoint, figures and summary into ``run_dir``; return the summary."""
+    accepted = sum(bool(r["accepted"]) for r in log)
+    adp_label = "ADP-β-MAID" if accepted else f"ADP-β-MAID: {NO_STEP_LABEL}"
+    scores = {"blurry": psnr_ssim(y, x_true), "TV (b₀)": psnr_ssim(base.x, x_true),
+              "ADP-β-MAID": psnr_ssim(x_adp, x_true)}
+    figures.save_csv(os.path.join(run_dir, "log.csv"), log)
+    figures.save_torch(os.path.join(run_dir, "kernel.pt"), {"b_star": b_star.cpu(), "b0": b0.cpu()})
+    figures.save_torch(os.path.join(run_dir, "checkpoint.pt"), payload)
+    titles = ("blurry", "TV (b₀)", adp_label)
+    figures.comparison_figure([("ground truth", x_true)] + [(f"{t}\nPSNR {p:.2f} dB, SSIM {s:.3f}", x) for t, (p, s), x
+                              in zip(titles, scores.values(), (y, base.x, x_adp))],
+                              os.path.join(run_dir, "comparison.png"))
+    figures.kernel_figure(b0, b_star, os.path.join(run_dir, "kernels.png"))
+    if log:
+        figures.convergence_figure(log, os.path.join(run_dir, "convergence.png"))
+        figures.iterations_figure(log, os.path.join(run_dir, "iterations.png"), baseline_psnr=scores["TV (b₀)"][0])
+    last = log[-1] if log else {}
+    total = time.perf_counter() - t_start
+    summary = {"scores": {k: {"psnr": p, "ssim": s} for k, (p, s) in scores.items()},
+               "adp_result": "kernel learned" if accepted else NO_STEP_LABEL, "stop_reason": stop_reason,
+               "upper_iterations": len(log), "accepted": accepted,
+               "lower_iterations": last.get("lower_iters", 0), "cg_iterations": last.get("cg_iters", 0),
+               "lower_cap_hits": last.get("lower_cap_hits", 0), "cg_cap_hits": last.get("cg_cap_hits", 0),
+               "kernel_change": (torch.linalg.vector_norm(b_star - b0) / torch.linalg.vector_norm(b0)).item(),
+               "baseline_iterations": base.iters, "baseline_seconds": t_base,
+               "maid_seconds": last.get("time", 0.0), "total_seconds": total}
+    figures.save_json(os.path.join(run_dir, "summary.json"), summary)
+    _report(cfg, run_dir, summary, scores, interrupted)
+    return dict(summary, run_dir=run_dir, interrupted=interrupted, config=cfg)
 
-# ------------------------------------------------------------------------------------------
-# 4. outputs
-# ------------------------------------------------------------------------------------------
-scores = {"blurry": psnr_ssim(y, x_true), "TV (b₀)": psnr_ssim(x_tv, x_true), "ADP-β-MAID": psnr_ssim(x_adp, x_true)}
-figures.save_csv(os.path.join(run_dir, "log.csv"), log)
-figures.save_torch(os.path.join(run_dir, "kernel.pt"), {"b_star": b_star.cpu(), "b0": b0.cpu()})
-figures.save_torch(os.path.join(run_dir, "checkpoint.pt"), final_payload)
-figures.comparison_figure([("ground truth", x_true)] + [(f"{k}\nPSNR {p:.2f} dB, SSIM {s:.3f}", x)
-                          for (k, (p, s)), x in zip(scores.items(), (y, x_tv, x_adp))],
-                          os.path.join(run_dir, "comparison.png"))
-figures.kernel_figure(b0, b_star, os.path.join(run_dir, "kernels.png"))
-if log:
-    figures.convergence_figure(log, os.path.join(run_dir, "convergence.png"))
-    figures.iterations_figure(log, os.path.join(run_dir, "iterations.png"), baseline_psnr=scores["TV (b₀)"][0])
-_total = time.perf_counter() - _t_start
-summary = {"scores": {k: {"psnr": p, "ssim": s} for k, (p, s) in scores.items()}, "stop_reason": stop_reason,
-           "upper_iterations": len(log), "accepted": sum(r["accepted"] for r in log),
-           "lower_iterations": log[-1]["lower_iters"] if log else 0, "cg_iterations": log[-1]["cg_iters"] if log else 0,
-           "lower_cap_hits": log[-1]["lower_cap_hits"] if log else 0,
-           "cg_cap_hits": log[-1]["cg_cap_hits"] if log else 0, "baseline_iterations": base.iters,
-           "baseline_seconds": _t_base, "maid_seconds": log[-1]["time"] if log else 0.0, "total_seconds": _total}
-figures.save_json(os.path.join(run_dir, "summary.json"), summary)
 
-print(f"\n{'':12s} {'PSNR [dB]':>10s} {'SSIM':>7s}")
-for k, (p, s) in scores.items():
-    print(f"{k:12s} {p:10.2f} {s:7.4f}")
-print(f"MAID: {len(log)} upper iterations ({summary['accepted']} accepted), stop: {stop_reason}, "
-      f"{summary['lower_iterations']} lower + {summary['cg_iterations']} CG iterations, {summary['maid_seconds']:.1f} s; "
-      f"TV baseline {base.iters} iterations, {_t_base:.1f} s; total {_total:.1f} s")
-if summary["lower_cap_hits"]:
-    print(f"warning: {summary['lower_cap_hits']} lower-level solves hit lower_iter={lower_iter}; their accuracy "
-          f"ε is not certified (raise --lower_iter)", file=sys.stderr)
-if summary["cg_cap_hits"]:
-    print(f"warning: {summary['cg_cap_hits']} conjugate-gradient solves hit cg_iter={cg_iter} before the residual "
-          f"δ; their hypergradients are less accurate than ω assumes (raise --cg_iter)", file=sys.stderr)
-if interrupted:
-    print(f"interrupted: continue with  python ADP.py --resume={os.path.join(run_dir, 'checkpoint.pt')}")
-print(run_dir)
-sys.exit(130 if interrupted else 0)
+def _report(cfg, run_dir, summary, scores, interrupted) -> None:
+    """The printed table and the one-line warnings (warnings always; the table with ``progress``)."""
+    _say(cfg, f"\n{'':12s} {'PSNR [dB]':>10s} {'SSIM':>7s}")
+    for k, (p, s) in scores.items():
+        note = f"  {NO_STEP_LABEL}" if k == "ADP-β-MAID" and not summary["accepted"] else ""
+        _say(cfg, f"{k:12s} {p:10.2f} {s:7.4f}{note}")
+    _say(cfg, f"MAID: {summary['upper_iterations']} upper iterations ({summary['accepted']} accepted), stop: "
+              f"{summary['stop_reason']}, {summary['lower_iterations']} lower + {summary['cg_iterations']} CG "
+              f"iterations, {summary['maid_seconds']:.1f} s; TV baseline {summary['baseline_iterations']} iterations, "
+              f"{summary['baseline_seconds']:.1f} s; total {summary['total_seconds']:.1f} s")
+    if not summary["accepted"] and summary["upper_iterations"]:
+        print(f"note: MAID accepted no step in {summary['upper_iterations']} upper iterations: b* = b₀, so the "
+              f"ADP-β-MAID result is {NO_STEP_LABEL} (try a smaller --step or a larger --upper_iter)", file=sys.stderr)
+    if summary["lower_cap_hits"]:
+        print(f"warning: {summary['lower_cap_hits']} lower-level solves hit lower_iter={cfg['lower_iter']}; their "
+              f"accuracy ε is not certified (raise --lower_iter)", file=sys.stderr)
+    if summary["cg_cap_hits"]:
+        print(f"warning: {summary['cg_cap_hits']} conjugate-gradient solves hit cg_iter={cfg['cg_iter']} before the "
+              f"residual δ; their hypergradients are less accurate than ω assumes (raise --cg_iter)", file=sys.stderr)
+    if interrupted:
+        print(f"interrupted: continue with  python ADP.py --resume={os.path.join(run_dir, 'checkpoint.pt')}")
+    print(run_dir)
+
+
+def main(argv: list[str]) -> int:
+    """The command line: presets and ``--name=value`` overrides, one-line errors (exit 2)."""
+    try:
+        _, explicit = config.parse_argv(DEFAULTS, argv, RENAMED)
+        summary = run(explicit)
+    except ConfigError as e:
+        config.fail(PROG, e)
+    except NumericalError as e:
+        config.fail(PROG, e, code=1)
+    except KeyboardInterrupt:
+        return 130
+    return 130 if summary["interrupted"] else 0
+
+
+if __name__ == "__main__":
+    import signal
+    # Ctrl-C must raise KeyboardInterrupt even if the parent started us with SIGINT ignored
+    # (as a non-interactive shell does for background jobs): the MAID loop turns it into a checkpoint.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.exit(main(sys.argv[1:]))

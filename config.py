@@ -35,7 +35,8 @@ import math
 import os
 import sys
 
-__all__ = ["ConfigError", "apply_overrides", "parse_value", "fail", "check", "finite_positive", "valid_seed", "make_run_dir",
+__all__ = ["ConfigError", "apply_overrides", "parse_value", "fail", "check", "finite_positive", "valid_seed",
+           "check_writable", "make_run_dir",
            "setting_names", "defaults", "load_preset", "resolve", "parse_argv"]
 
 
@@ -134,6 +135,18 @@ def fail(prog: str, error: Exception, code: int = 2):
     """Print one line ``prog: error: message`` to stderr and exit with ``code``."""
     print(f"{prog}: error: {error}", file=sys.stderr)
     sys.exit(code)
+
+
+def check_writable(root: str) -> None:
+    """Raise :class:`ConfigError` unless ``root`` is, or could be created as, a writable folder:
+    its nearest existing ancestor must be a folder we may write into.  Creates nothing (drivers
+    call it with the other checks, before any computation)."""
+    path = os.path.abspath(root)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    ok = os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+    check(ok, f"cannot write to results_dir {root!r} ({path!r} is not a writable folder); choose another with "
+              f"--results_dir=PATH")
 
 
 def make_run_dir(root: str, name: str) -> str:

@@ -80,7 +80,8 @@ def _img(x: torch.Tensor) -> np.ndarray:
 
 
 def comparison_figure(panels: list[tuple[str, torch.Tensor]], path: str) -> None:
-    """One row of images with titles (ground truth, blurry, TV, ADP-β-MAID)."""
+    """One row of images with titles (ground truth, blurry, TV, ADP-β-MAID; the driver labels the
+    last 'unchanged (no step accepted)' when MAID accepted no step)."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.3))
     for ax, (title, x) in zip(axes, panels):
         ax.imshow(_img(x), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
@@ -135,7 +136,7 @@ def convergence_figure(log: list[dict], path: str) -> None:
 
 
 def iterations_figure(log: list[dict], path: str, baseline_psnr: float | None = None) -> None:
-    """PSNR, ε and step size against the upper iteration."""
+    """PSNR, ε and the upper step (``step``, α_k) against the upper iteration."""
     k = [r["iter"] for r in log]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     if "psnr" in log[0]:
@@ -149,7 +150,7 @@ def iterations_figure(log: list[dict], path: str, baseline_psnr: float | None = 
     axes[1].legend(fontsize=8)
     axes[1].set_ylabel("accuracy")
     axes[2].semilogy(k, [r["step"] for r in log], "-o", ms=3)
-    axes[2].set_ylabel("step size")
+    axes[2].set_ylabel("upper step α_k (MAID)")
     for ax in axes:
         ax.set_xlabel("upper iteration")
         ax.grid(alpha=0.3, which="both")

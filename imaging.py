@@ -2,6 +2,8 @@
 
 * :func:`load_image` — a bundled sample by name (``images/``) or any PNG/JPEG path, converted to
   grey or RGB in [0, 1], resized with anti-aliasing (scikit-image) to ``height × width``.
+  16-bit (and 32-bit integer / float) grey images are scaled by their range, not clipped;
+  images with transparency are composited on white, with a one-line note on stderr.
 * :func:`psnr_ssim` — PSNR from deepinv's metric and SSIM from scikit-image
   (``data_range = 1``, Gaussian-weighted, colour axis last), both on the estimate clipped to [0, 1].
 * :func:`setting_kernels`, :func:`make_data` — the blur settings of SPEC §4.2 and the data
@@ -10,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import torch
@@ -34,19 +37,69 @@ def image_path(name: str, images_dir: str) -> str:
                       f"samples ({', '.join(samples)})")
 
 
-def load_image(name: str, height: int, width: int, channels: int, images_dir: str) -> torch.Tensor:
-    """Load, convert to ``channels`` (1 grey, 3 RGB) and resize; returns float64 (C, H, W) in [0, 1]."""
-    from skimage.transform import resize
+_LUMA = np.array([0.299, 0.587, 0.114])   # ITU-R 601-2, the weights of PIL's convert("L")
 
-    path = image_path(name, images_dir)
+
+def _high_depth_pixels(im: Image.Image, path: str) -> np.ndarray:
+    """Grey pixels of a 16-bit, 32-bit integer or float image as float64 (H, W) in [0, 1].
+
+    ``I;16*`` (16-bit, e.g. a 16-bit grey PNG) is divided by 65535.  ``I`` (32-bit signed integers,
+    how PIL opens some 16-bit TIFF/PGM files) is divided by 65535 when its values fit in 16 bits,
+    else by 2³¹ − 1.  ``F`` (32-bit float) is taken as is and must lie in [0, 1].  PIL's
+    ``convert("L")`` would clip all of these to 255, i.e. white."""
+    a = np.asarray(im, dtype=np.float64)
+    if im.mode == "F":
+        if not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1):
+            raise ConfigError(f"{path!r} is a floating-point image with values outside [0, 1] "
+                              f"(min {np.nanmin(a):.3g}, max {np.nanmax(a):.3g}); rescale it to [0, 1] or save it as PNG")
+        return a
+    if a.min() < 0:
+        raise ConfigError(f"{path!r} has negative pixel values (mode {im.mode}); save it as an 8- or 16-bit PNG")
+    full = 65535.0 if im.mode.startswith("I;16") or a.max() <= 65535 else float(2**31 - 1)
+    return a / full
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info)
+
+
+def _composited_on_white(im: Image.Image, path: str) -> np.ndarray:
+    """RGB float64 (H, W, 3) in [0, 1] of an image with an alpha channel, composited on white:
+    ``c·a + 1·(1 − a)``.  A one-line note on stderr says so when some pixel is not opaque."""
+    rgba = np.asarray(im.convert("RGBA"), dtype=np.float64) / 255.0
+    a = rgba[..., 3:]
+    if (a < 1).any():
+        print(f"note: {path} has transparent pixels; composited on white", file=sys.stderr)
+    return rgba[..., :3] * a + (1 - a)
+
+
+def image_array(path: str, channels: int) -> np.ndarray:
+    """The pixels of ``path`` as float64 (H, W, ``channels``) in [0, 1].
+
+    8-bit images: PIL's ``convert("L")`` (grey) or ``convert("RGB")`` divided by 255.  16-bit,
+    32-bit integer and float grey images: scaled by their range (:func:`_high_depth_pixels`), the
+    grey value repeated for colour.  Images with an alpha channel (RGBA, LA, transparent palette):
+    composited on white (:func:`_composited_on_white`), grey by the ITU-R 601 luma weights."""
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            a = np.asarray(im, dtype=np.float64) / 255.0
+            if im.mode.startswith("I") or im.mode == "F":
+                grey = _high_depth_pixels(im, path)
+                return np.repeat(grey[..., None], channels, axis=2)
+            if _has_alpha(im):
+                rgb = _composited_on_white(im, path)
+                return rgb if channels == 3 else (rgb @ _LUMA)[..., None]
+            a = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float64) / 255.0
     except (UnidentifiedImageError, OSError) as e:
         raise ConfigError(f"{path!r} is not a readable image ({type(e).__name__}); give a PNG or JPEG file")
-    if a.ndim == 2:
-        a = a[..., None]
+    return a[..., None] if a.ndim == 2 else a
+
+
+def load_image(name: str, height: int, width: int, channels: int, images_dir: str) -> torch.Tensor:
+    """Load (:func:`image_array`), convert to ``channels`` (1 grey, 3 RGB) and resize; returns
+    float64 (C, H, W) in [0, 1]."""
+    from skimage.transform import resize
+
+    a = image_array(image_path(name, images_dir), channels)
     a = resize(a, (height, width, a.shape[2]), anti_aliasing=True, mode="reflect")
     return torch.from_numpy(np.ascontiguousarray(np.clip(a, 0, 1).transpose(2, 0, 1)))
 

@@ -13,7 +13,8 @@ available, the same rows again on the GPU, labelled by the device column):
 3. one full hypergradient at fixed accuracies with the project's own code
    (``adp_problem.ADPBetaProblem`` + ``maid.hypergradient``): a lower-level solve to
    ``ε = 1e-2`` cold-started from ``y``, CG to residual ``δ = 1e-6`` cold-started from 0, and the
-   mixed term; 3×256×256, kernel ``b = b₀`` (5×5 diagonal motion), ADP.py's default α, γ, μ₀, β;
+   mixed term; 3×256×256, kernel ``b = b₀`` (5×5 diagonal motion), ADP.py's default α, γ, μ₀, β
+   (read from ``ADP.DEFAULTS``, built by ``ADP.build_problem``);
 4. the default ``ADP.py`` run end to end, as a subprocess ``python ADP.py --results_dir=<tmp>``
    (skipped with ``--skip-default-run``; ``nan`` if ADP.py is missing or fails);
 5. the cost of one upper iteration, defined as a fixed amount of work so that sizes compare:
@@ -46,21 +47,26 @@ for p in (ROOT, HERE):
 
 import torch  # noqa: E402
 
-from bench_core import (ALPHA, GAMMA, MU0, bench_blur, bench_lower_level, make_problem,  # noqa: E402
+from bench_core import (bench_blur, bench_lower_level, make_problem,  # noqa: E402
                         _sync, print_blur, print_lower_level, time_interleaved)
-from adp_problem import ADPBetaProblem  # noqa: E402
+import ADP  # noqa: E402  (importing the driver has no side effects)
 from maid import hypergradient  # noqa: E402
 
-BETA = 1e-2                      # ADP.py's default β when this was written
 HG_EPS, HG_DELTA = 1e-2, 1e-6    # section 3: fixed accuracies
 HG_MAX_ITER = 5000               # caps (reported if hit)
 UPPER_LOWER_ITERS, UPPER_CG_ITERS = 50, 10   # section 5: the fixed work of one upper iteration
 SCALING_SIZES = (128, 256, 512, 1024)
 
 
+def _adp_problem(P):
+    """ADP.py's problem with its current defaults (regulariser, α, γ, μ₀, β, upper operator) on
+    ``P``'s data."""
+    return ADP.build_problem(ADP.DEFAULTS, P.y, P.b)
+
+
 def _problem(size: int, device, dtype=torch.float32):
     P = make_problem(size, 3, dtype, device)
-    return P, ADPBetaProblem(P.y, P.b, ALPHA, GAMMA, BETA, mu0=MU0), P.b
+    return P, _adp_problem(P), P.b
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,7 +79,7 @@ def bench_hypergradient(device="cpu", size: int = 256, repeats: int = 3) -> dict
     for _ in range(repeats):
         _sync(device)
         t0 = time.perf_counter()
-        prob = ADPBetaProblem(P.y, b, ALPHA, GAMMA, BETA, mu0=MU0)   # fresh: h(·, b) is built in the solve
+        prob = _adp_problem(P)   # fresh: h(·, b) is built in the solve
         low = prob.solve_lower(b, P.y, HG_EPS, HG_MAX_ITER)
         _sync(device)
         t1 = time.perf_counter()

@@ -1,5 +1,5 @@
 """Grid search for the defaults of ADP.py: ``tv_weight`` (α), ``tv_smoothing`` (γ) and ``beta`` (β),
-plus the initial MAID step ``alpha`` (α₀).
+plus the initial MAID step ``step`` (α₀).
 
 Run from anywhere (CPU, one thread by default; about 3 minutes, more on a loaded machine)::
 
@@ -7,8 +7,7 @@ Run from anywhere (CPU, one thread by default; about 3 minutes, more on a loaded
     python benchmarks/grid_search.py --quick    # smaller grid (smoke test), ~30 seconds
 
 Data.  Exactly ADP.py's data: ``imaging.make_data``, the function ADP.py calls, fed ADP.py's own
-constants (parsed from its source with ``ast``: ADP.py is a script and is not imported or run),
-with only the image size set to
+constants (``ADP.DEFAULTS``; importing the driver has no side effects), with only the image size set to
 128×128 and ``image``/``setting`` varied.  So: RGB, σ = 5/255, seed 0, 5×5 diagonal motion
 kernel b₀, and for 'semiblind' an extra unknown 5×5 Gaussian (σ = 0.5) after the motion blur.
 
@@ -23,14 +22,14 @@ grid (stopped after 34 of the 60 MAID runs for time) printed the same PSNRs to w
 at all 54 points it shared with float64, so the choice does not depend on the precision.
 
 (a) α and γ.  For every (α, γ) on a log grid, the TV lower level
-``½‖B_{b₀}x − y‖² + α R_γ(x) + (μ₀/2)‖x‖²`` with the *known* kernel b₀ (``ADPBetaProblem(...)
+``½‖B_{b₀}x − y‖² + α R_γ(x) + (μ₀/2)‖x‖²`` with the *known* kernel b₀ (``ADP.build_problem(...)
 .lower(b₀)``, ADP.py's μ₀ and solver) is solved from x = y to ADP.py's ``baseline_eps``, for all
 four bundled images in the 'motion' and 'semiblind' settings.  The (α, γ) with the best mean
 PSNR over these 8 cases is chosen.  Solves that hit ``--cap`` are counted in the column
 "capped" (none do in float64).
 
 (b) β and α₀.  With the chosen (α, γ) fixed, MAID (``maid.maid``) is run on the kernel with the
-``MAIDConfig`` that ADP.py builds from its constants — only ``max_iter`` (upper_iter) is
+``MAIDConfig`` that ADP.py builds from its constants (``ADP.maid_config``) — only ``max_iter`` (upper_iter) is
 shortened to ``--upper-iter`` — for every β on a log grid and every α₀ in a small set, in the
 'semiblind' and 'motion' settings on two images.  Reported per run: final PSNR/SSIM of
 ADP-β-MAID (MAID's returned reconstruction x̃, as ADP.py reports it) and of the TV baseline with
@@ -44,12 +43,11 @@ ADP.py would return b₀ and its main job would show nothing).  A run counts as 
 more than ``--margin`` dB (0.05 dB: differences below that are at the level of the
 lower-level accuracy ε); the script says plainly when no run does.
 
-The last line printed is ``chosen tv_weight=<a> tv_smoothing=<g> beta=<b> alpha=<a0>``.
+The last line printed is ``chosen tv_weight=<a> tv_smoothing=<g> beta=<b> step=<a0>``.
 """
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import sys
 import time
@@ -60,58 +58,22 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from adp_problem import ADPBetaProblem  # noqa: E402
+import ADP  # noqa: E402  (importing the driver has no side effects)
 from imaging import make_data, psnr_ssim, setting_kernels  # noqa: E402
-from maid import MAIDConfig, maid  # noqa: E402
+from maid import maid  # noqa: E402
 from operators import Blur  # noqa: E402
 
-ADP_PATH = os.path.join(ROOT, "ADP.py")
 IMAGES_DIR = os.path.join(ROOT, "images")
 IMAGES = ("astronaut", "coffee", "chelsea", "rocket")
 SETTINGS_A = ("motion", "semiblind")
 SIZE = 128
 
 FULL = dict(tv_weight=(0.0025, 0.005, 0.01, 0.02, 0.04), tv_smoothing=(0.003, 0.01, 0.03, 0.1),
-            beta=(1e-4, 1e-3, 1e-2, 1e-1, 1.0), alpha=(1.0, 10.0, 100.0),
+            beta=(1e-4, 1e-3, 1e-2, 1e-1, 1.0), step=(1.0, 10.0, 100.0),
             images_b=("astronaut", "coffee"), settings_b=("semiblind", "motion"))
 QUICK = dict(tv_weight=(0.005, 0.01, 0.02), tv_smoothing=(0.01, 0.03),
-             beta=(1e-3, 1e-1), alpha=(1.0, 100.0),
+             beta=(1e-3, 1e-1), step=(1.0, 100.0),
              images_b=("astronaut",), settings_b=("semiblind", "motion"))
-
-
-# --------------------------------------------------------------------------------------------
-# ADP.py's constants, read from its source (ADP.py runs on import)
-# --------------------------------------------------------------------------------------------
-def _const(node):
-    """Value of a constant expression (numbers, strings, bools, + − * / ** and unary minus)."""
-    if isinstance(node, ast.Constant):
-        return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        v = _const(node.operand)
-        return -v if isinstance(node.op, ast.USub) else v
-    if isinstance(node, ast.BinOp):
-        a, b = _const(node.left), _const(node.right)
-        ops = {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: a * b,
-               ast.Div: lambda: a / b, ast.Pow: lambda: a ** b}
-        if type(node.op) in ops:
-            return ops[type(node.op)]()
-    raise ValueError("not a constant expression")
-
-
-def adp_defaults() -> dict:
-    """ADP.py's top-level ``name = <constant>`` assignments."""
-    with open(ADP_PATH, encoding="utf-8") as f:
-        tree = ast.parse(f.read(), ADP_PATH)
-    consts = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            name = node.targets[0].id
-            if not name.startswith("_"):
-                try:
-                    consts[name] = _const(node.value)
-                except ValueError:
-                    pass
-    return consts
 
 
 def true_kernel(cfg, b0, dt):
@@ -151,9 +113,13 @@ def main():
     grid = QUICK if args.quick else FULL
     t_start = time.perf_counter()
 
-    adp = adp_defaults()
+    adp = dict(ADP.DEFAULTS)
     dt, dev = getattr(torch, args.dtype), torch.device("cpu")
     mu0, solver, eps_base = adp["mu0"], adp["lower_solver"], adp["baseline_eps"]
+
+    def problem(y, b0, tv_weight, tv_smoothing, beta=adp["beta"]):
+        """ADP.py's problem (its regulariser, μ₀, upper operator, solver) at these weights."""
+        return ADP.build_problem(dict(adp, tv_weight=tv_weight, tv_smoothing=tv_smoothing, beta=beta), y, b0)
 
     cases = {}
 
@@ -168,7 +134,7 @@ def main():
           f"{args.dtype} (ADP.py: {adp['dtype']}), μ₀ = {fmt(mu0)}, solver {solver}, upper_operator {adp['upper_operator']}, "
           f"{torch.get_num_threads()} thread(s){', QUICK grid' if args.quick else ''}")
     print(f"ADP.py defaults now: tv_weight={fmt(adp['tv_weight'])} tv_smoothing={fmt(adp['tv_smoothing'])} "
-          f"beta={fmt(adp['beta'])} alpha={fmt(adp['alpha'])}")
+          f"beta={fmt(adp['beta'])} step={fmt(adp['step'])}")
 
     # ---------------------------------------------------------------------------------------
     # (a) α, γ: TV with the known kernel b₀, solved to baseline_eps from y
@@ -186,7 +152,7 @@ def main():
             ps, ss, capped, iters = [], [], 0, 0
             for s, im in cols:
                 cfg, x_true, b0, y = data(im, s)
-                prob = ADPBetaProblem(y, b0, a, g, adp["beta"], mu0, adp["upper_operator"], solver=solver)
+                prob = problem(y, b0, a, g)
                 r = prob.solve_lower(b0, y.clone(), eps_base, args.cap)
                 p, q = psnr_ssim(r.x, x_true)
                 ps.append(p)
@@ -221,7 +187,7 @@ def main():
         cfg, x_true, b0, y = data(im, s)
         x_tv, p, q, conv = tv_solutions.get((alpha_tv, gamma_tv, im, s), (None,) * 4)
         if x_tv is None:   # (quick grid: the case was not in (a))
-            prob = ADPBetaProblem(y, b0, alpha_tv, gamma_tv, adp["beta"], mu0, adp["upper_operator"], solver=solver)
+            prob = problem(y, b0, alpha_tv, gamma_tv)
             r = prob.solve_lower(b0, y.clone(), eps_base, args.cap)
             p, q = psnr_ssim(r.x, x_true)
         baseline[(s, im)] = (p, q)
@@ -233,31 +199,27 @@ def main():
                 clean = make_data(dict(cfg, noise_level=0.0), IMAGES_DIR, dev, dt)[2]
                 err = (Blur(bt, (SIZE, SIZE)).A(x_true) - clean).abs().max().item()
                 assert err < 1e-5, f"oracle kernel does not reproduce the data (max error {err:.2e})"
-            prob = ADPBetaProblem(y, bt, alpha_tv, gamma_tv, adp["beta"], mu0, adp["upper_operator"], solver=solver)
+            prob = problem(y, bt, alpha_tv, gamma_tv)
             r = prob.solve_lower(bt, y.clone(), eps_base, args.cap)
             oracle[(s, im)] = psnr_ssim(r.x, x_true)
         # upper loss at b₀ (the H¹ term is 0 there, so f(b₀) does not depend on β), with x̃ solved
         # to eps0 from y exactly like MAID's first lower solve
-        prob = ADPBetaProblem(y, b0, alpha_tv, gamma_tv, adp["beta"], mu0, adp["upper_operator"], solver=solver)
+        prob = problem(y, b0, alpha_tv, gamma_tv)
         x0 = prob.solve_lower(b0, y.clone(), adp["eps0"], adp["lower_iter"]).x
         f_start[(s, im)] = prob.upper_loss(x0, b0).item()
         print(f"    {s:9s} {im:9s}: TV(b0) {baseline[(s, im)][0]:.2f} dB / {baseline[(s, im)][1]:.4f}   "
               f"TV(true kernel, oracle) {oracle[(s, im)][0]:.2f} dB / {oracle[(s, im)][1]:.4f}")
 
-    print(f"\n{'beta':>7s} {'alpha0':>6s} {'setting':9s} {'image':9s} | {'ADP PSNR':>8s} {'SSIM':>6s} | "
+    print(f"\n{'beta':>7s} {'step0':>6s} {'setting':9s} {'image':9s} | {'ADP PSNR':>8s} {'SSIM':>6s} | "
           f"{'TV PSNR':>7s} {'SSIM':>6s} | {'dPSNR':>6s} {'dSSIM':>7s} | {'|db|/|b0|':>9s} {'f0':>9s} {'f_end':>9s} "
           f"{'acc':>5s} {'eps_end':>8s} {'lower':>6s} {'caps':>4s} {'sec':>5s}")
     runs = {}
     for beta in grid["beta"]:
-        for a0 in grid["alpha"]:
+        for a0 in grid["step"]:
             for s, im in cases_b:
                 cfg, x_true, b0, y = data(im, s)
-                prob = ADPBetaProblem(y, b0, alpha_tv, gamma_tv, beta, mu0, adp["upper_operator"], solver=solver)
-                mcfg = MAIDConfig(eps0=adp["eps0"], delta0=adp["delta0"], step0=a0, rho=adp["rho"], tau=adp["tau"],
-                                  nu=adp["nu"], nu_step=adp["nu_alpha"], eta=adp["eta"],
-                                  max_backtracks=adp["backtracks"], eps_min=adp["threshold"],
-                                  max_iter=args.upper_iter, lower_max_iter=adp["lower_iter"],
-                                  cg_max_iter=adp["cg_iter"], descent_check=adp["descent_check"])
+                prob = problem(y, b0, alpha_tv, gamma_tv, beta)
+                mcfg = ADP.maid_config(dict(adp, step=a0, upper_iter=args.upper_iter))
                 t0 = time.perf_counter()
                 out = maid(prob, b0.clone(), y.clone(), mcfg)
                 sec = time.perf_counter() - t0
@@ -276,13 +238,13 @@ def main():
                       f"{p - tp:+6.2f} {q - tq:+7.4f} | {dk:9.3g} {f0:9.4g} {f_end:9.4g} {acc:>2d}/{len(log):<2d} "
                       f"{eps_end:8.2g} {lower:6d} {caps:4d} {sec:5.1f}", flush=True)
 
-    print(f"\n(b) summary over {len(cases_b)} runs per (beta, alpha0) ({', '.join(f'{s}/{im}' for s, im in cases_b)})")
-    print(f"{'beta':>7s} {'alpha0':>6s} | {'meanADP':>7s} {'meanTV':>7s} {'mean dPSNR':>10s} {'max dPSNR':>9s} "
+    print(f"\n(b) summary over {len(cases_b)} runs per (beta, step0) ({', '.join(f'{s}/{im}' for s, im in cases_b)})")
+    print(f"{'beta':>7s} {'step0':>6s} | {'meanADP':>7s} {'meanTV':>7s} {'mean dPSNR':>10s} {'max dPSNR':>9s} "
           f"{'mean dSSIM':>10s} {'mean |db|/|b0|':>14s} {'wins':>5s}")
     mean_tv = sum(baseline[c][0] for c in cases_b) / len(cases_b)
     summary = {}
     for beta in grid["beta"]:
-        for a0 in grid["alpha"]:
+        for a0 in grid["step"]:
             rs = [runs[(beta, a0, s, im)] for s, im in cases_b]
             mp = sum(r["p"] for r in rs) / len(rs)
             wins = sum(r["dp"] > args.margin for r in rs)
@@ -295,10 +257,10 @@ def main():
     moving = [k for k in summary if any(runs[(k[0], k[1], s, im)]["acc"] for s, im in cases_b)] or list(summary)
     beta_best, a0_best = max(moving, key=lambda k: (round(summary[k], 6), -k[0], k[1]))
     total_wins = sum(r["dp"] > args.margin for r in runs.values())
-    print(f"(b) best mean ADP PSNR where the kernel moves: beta={fmt(beta_best)} alpha={fmt(a0_best)} ({summary[(beta_best, a0_best)]:.3f} dB "
+    print(f"(b) best mean ADP PSNR where the kernel moves: beta={fmt(beta_best)} step={fmt(a0_best)} ({summary[(beta_best, a0_best)]:.3f} dB "
           f"vs TV baseline {mean_tv:.3f} dB, {summary[(beta_best, a0_best)] - mean_tv:+.3f} dB)")
     rs = [runs[(beta_best, a0_best, s, im)] for s, im in cases_b]
-    print(f"    at the chosen (beta, alpha0) MAID accepted {sum(r['acc'] for r in rs)} of {sum(r['its'] for r in rs)} "
+    print(f"    at the chosen (beta, step0) MAID accepted {sum(r['acc'] for r in rs)} of {sum(r['its'] for r in rs)} "
           f"upper steps; mean |b*-b0|/|b0| = {sum(r['dk'] for r in rs) / len(rs):.3g}")
     if total_wins == 0:
         print(f"FINDING: ADP-β-MAID does NOT beat the TV baseline with b0 (by more than {args.margin} dB PSNR) in any "
@@ -307,7 +269,7 @@ def main():
         print(f"ADP-β-MAID beats the TV baseline by more than {args.margin} dB PSNR in {total_wins} of {len(runs)} runs.")
     print(f"wall time: (a) {t_a:.0f} s, (b) {time.perf_counter() - t_start - t_a:.0f} s, "
           f"total {time.perf_counter() - t_start:.0f} s")
-    print(f"chosen tv_weight={fmt(alpha_tv)} tv_smoothing={fmt(gamma_tv)} beta={fmt(beta_best)} alpha={fmt(a0_best)}")
+    print(f"chosen tv_weight={fmt(alpha_tv)} tv_smoothing={fmt(gamma_tv)} beta={fmt(beta_best)} step={fmt(a0_best)}")
 
 
 if __name__ == "__main__":

@@ -172,66 +172,80 @@ def test_lista_gradient_tends_to_the_implicit_hypergradient():
 
 
 # --------------------------------------------------------------------------------------------
-# the driver's --name=value parser
+# the driver: ADP_1D.run in-process, the command line in a few subprocesses
 # --------------------------------------------------------------------------------------------
-BAD_1D = [("--no_such_setting=1", "unknown setting"), ("--ift_steps=2.5", "expected a value of type int"),
-          ("--progress=maybe", "type bool"), ("ift_steps=3", "--name=value"), ("--ift_steps=0", "ift_steps"),
-          ("--noise=-0.1", "noise"), ("--noise=nan", "noise"), ("--alpha2=0", "alpha2"),
-          ("--upper_step=-1", "upper_step"), ("--maid_eps0=0", "eps0"), ("--maid_rho=1.5", "rho"),
-          ("--maid_tau=0", "tau"), ("--maid_nu=0.9", "nu"), ("--n=0", "n must be"),
-          ("--lower_step=inf", "lower_step"), ("--target_rel=nan", "target_rel"), ("--target_rel=-5", "target_rel"),
-          ("--h=1e308", "grid"), ("--threads=100000", "threads"), ("--maid_nu_step=0.5", "maid_nu_step")]
+BAD_1D = [(dict(no_such_setting=1), "unknown setting"), (dict(ift_steps=2.5), "expected a value of type int"),
+          (dict(progress="maybe"), "type bool"), (dict(ift_steps=0), "ift_steps"),
+          (dict(noise=-0.1), "noise"), (dict(noise=math.nan), "noise"), (dict(alpha2=0.0), "alpha2"),
+          (dict(step=-1.0), "step"), (dict(maid_eps0=0.0), "eps0"), (dict(maid_rho=1.5), "rho"),
+          (dict(maid_tau=0.0), "tau"), (dict(maid_nu=0.9), "nu"), (dict(n=0), "n must be"),
+          (dict(lower_step=math.inf), "lower_step"), (dict(target_rel=math.nan), "target_rel"),
+          (dict(target_rel=-5.0), "target_rel"), (dict(h=1e308), "grid"), (dict(threads=100000), "threads"),
+          (dict(maid_nu_step=0.5), "maid_nu_step"), (dict(maid_nu_step=math.inf), "must be finite"),
+          (dict(upper_step=0.1), "'upper_step' was renamed to 'step'")]
 
 
-@pytest.mark.parametrize("arg,message", BAD_1D, ids=[a for a, _ in BAD_1D])
-def test_driver_rejects_bad_input(tmp_path, arg, message):
+@pytest.mark.parametrize("kw,message", BAD_1D, ids=[m for _, m in BAD_1D])
+def test_driver_rejects_bad_input(tmp_path, kw, message):
+    """ConfigError naming the setting, raised before the results folder is touched."""
+    import ADP_1D
+    from config import ConfigError
     results = tmp_path / "results"
     results.mkdir()
     (results / "earlier").mkdir()
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "ADP_1D.py"), arg, f"--results_dir={results}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ADP_1D.py: error:") and "Traceback" not in p.stderr
-    assert message in lines[0], lines[0]
+    with pytest.raises(ConfigError) as e:
+        ADP_1D.run(kw, results_dir=str(results))
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
     assert sorted(os.listdir(results)) == ["earlier"]
 
 
 def test_driver_rejects_unwritable_results_dir(tmp_path):
+    import ADP_1D
+    from config import ConfigError
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "ADP_1D.py"), f"--results_dir={blocker}/sub"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and "cannot write to results_dir" in p.stderr and "Traceback" not in p.stderr
+    with pytest.raises(ConfigError, match="cannot write to results_dir"):
+        ADP_1D.run(results_dir=f"{blocker}/sub")
 
 
-def test_driver_help_lists_typed_settings():
+@pytest.mark.slow
+def test_driver_cli_help_and_one_line_error(tmp_path):
+    """--help lists the typed settings (exit 0); a bad value is one line on stderr, exit 2."""
     p = subprocess.run([sys.executable, os.path.join(ROOT, "ADP_1D.py"), "--help"], cwd=ROOT, capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 0
     assert "--ift_steps=7500  (int)" in p.stdout and "--alpha1=0.108  (float)" in p.stdout
-    assert "--maid_descent_check=False  (bool)" in p.stdout
+    assert "--maid_descent_check=False  (bool)" in p.stdout and "--step=0.1  (float)" in p.stdout
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "ADP_1D.py"), "--maid_rho=1.5", f"--results_dir={tmp_path}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("ADP_1D.py: error:") and "rho" in lines[0]
+    assert os.listdir(tmp_path) == []
 
 
-def test_driver_short_run_reports_consistent_targets(tmp_path):
+SHORT = dict(n=40, ift_steps=30, lista_steps=30, maid_iters=8, progress=False)
+
+
+@pytest.mark.slow
+def test_driver_short_run_reports_consistent_targets(tmp_path, capsys):
     """A short end-to-end run (n = 40): every output file is written, the last line has the
     required form, IFT reaches its own target (final loss + 1 %) by definition, and the
     reported time / lower iterations to the target are those of the first logged record at or
     below the target, never beyond a method's totals."""
     import json
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "ADP_1D.py"), "--n=40", "--ift_steps=30",
-                        "--lista_steps=30", "--maid_iters=8", "--progress=False", f"--results_dir={tmp_path}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    last = p.stdout.strip().splitlines()[-1].split()
+    import ADP_1D
+    s = ADP_1D.run(SHORT, results_dir=str(tmp_path))
+    last = capsys.readouterr().out.strip().splitlines()[-1].split()
     assert last[0] == "time_to_IFT_loss" and [w.split("=")[0] for w in last[1:]] == ["MAID", "IFT", "LISTA"]
     (run,) = os.listdir(tmp_path)
     out = tmp_path / run
+    assert s["out_dir"] == str(out)
     for f in ("reconstructions.png", "operators.png", "loss_vs_time.png", "loss_vs_lower_iters.png", "summary.json",
               "operators.pt", "log_IFT.csv", "log_LISTA.csv", "log_MAID.csv"):
         assert (out / f).stat().st_size > 0, f
     summary = json.loads((out / "summary.json").read_text())
     assert summary["methods"]["IFT"]["time_to_target"] is not None
+    assert torch.get_default_dtype() == torch.float64 and torch.get_num_threads() >= 1   # restored
     for name, m in summary["methods"].items():
         log = json.loads((out / f"log_{name}.json").read_text())
         hit = next((r for r in log if r["upper_loss"] <= summary["target"]), None)
@@ -242,6 +256,30 @@ def test_driver_short_run_reports_consistent_targets(tmp_path):
             assert m["time_to_target"] == hit["time"] <= m["time"]
             assert m["lower_iters_to_target"] == hit["lower_iters"] <= m["lower_iters"]
             assert f"{name}={hit['time']:.2f}" in last
+
+
+def test_lista_paper_loss_logs_the_unhalved_residual():
+    """lista_paper_loss: LISTA's logged loss is ‖A x − y‖² (the paper figure's scale), exactly
+    2g/upper_scale of the same training run with the plain log, and B is trained identically
+    (upper_scale = 0.5 so that a forgotten division by it would show)."""
+    import ADP_1D
+    t, x_true, A, y = make_data(30, 0.01, 0.005, seed=0)
+    x0 = torch.zeros(30, dtype=DT)
+    logs = {}
+    for paper in (False, True):
+        cfg = dict(ADP_1D.DEFAULTS, n=30, ift_steps=1, lista_steps=5, maid_iters=1, progress=False, upper_scale=0.5,
+                   lista_paper_loss=paper)
+        make = lambda: ElasticNetBilevel(A, y, cfg["alpha1"], cfg["alpha2"], cfg["lower_step"], x_true=x_true,  # noqa: E731
+                                         scale=cfg["upper_scale"])
+        logs[paper] = ADP_1D.run_methods(cfg, make, A, x0)["LISTA"]
+    assert torch.equal(logs[False]["B"], logs[True]["B"])
+    plain, paper = [r["upper_loss"] for r in logs[False]["log"]], [r["upper_loss"] for r in logs[True]["log"]]
+    assert paper == pytest.approx([2 * v / 0.5 for v in plain], rel=1e-15)
+    # the formula itself on the first step: B = A, x₁ = 50 layers from x0 = 0
+    from elastic_net import lista_step
+    P = ElasticNetBilevel(A, y, 0.108, 0.027, 0.1, x_true=x_true, scale=0.5)
+    _, x1, _ = lista_step(P, A, x0, 50, 0.1)
+    assert paper[0] == pytest.approx(torch.sum((A @ x1 - y) ** 2).item(), rel=1e-12)
 
 
 def test_solver_reports_non_finite_when_the_bound_overflows():
