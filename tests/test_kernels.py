@@ -130,3 +130,69 @@ def test_blurred_impulse_of_gaussian_has_variance_sigma_squared():
     assert abs((w * r).sum().item()) < 1e-12 and abs((w * c).sum().item()) < 1e-12
     assert math.isclose((w * r * r).sum().item(), sigma**2, rel_tol=1e-6)
     assert math.isclose((w * c * c).sum().item(), sigma**2, rel_tol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# the documented interface: dtype, defaults, bad input
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["motion", "motion_vertical", "motion_horizontal", "gaussian", "disc"])
+def test_kernel_dtype_follows_the_argument(kind):
+    """A kernel asked for in float32 is float32 (the tests' default dtype is float64, so a dtype
+    that is not passed through shows), with the same values as in float64 (1e-7)."""
+    b32 = make_kernel(kind, 5, 2, dtype=torch.float32)
+    b64 = make_kernel(kind, 5, 2, dtype=torch.float64)
+    assert b32.dtype == torch.float32 and b64.dtype == torch.float64
+    assert torch.allclose(b32.double(), b64, atol=1e-7)
+
+
+def test_documented_defaults():
+    """Defaults as documented: 5×5 kernels for 3 channels, the diagonal motion line, σ = 1, the
+    disc of radius 5/2 (21 pixels); make_kernel's σ defaults to 1 as well."""
+    m, g, d = motion_kernel(), gaussian_kernel(), disc_kernel()
+    for b in (m, g, d):
+        assert b.shape == (3, 1, 5, 5)
+    assert torch.allclose(m[0, 0].double(), torch.eye(5) / 5)
+    i, j = _offsets(5)
+    ref = torch.exp(-(i**2 + j**2) / 2)
+    assert torch.allclose(g[0, 0].double(), ref / ref.sum(), atol=1e-7)
+    assert (d[0, 0] > 0).sum() == 21
+    assert torch.equal(make_kernel("gaussian", 5, 3), gaussian_kernel(5, 1.0, 3))
+
+
+@pytest.mark.parametrize("kind", ["motion", "gaussian", "disc"])
+def test_size_one_kernel_is_the_impulse(kind):
+    """k = 1 is a valid (odd) size: the identity blur."""
+    assert torch.equal(make_kernel(kind, 1, 2, dtype=torch.float64), torch.ones(2, 1, 1, 1))
+
+
+@pytest.mark.parametrize("shape,match", [((1, 1, 3, 5), "shape"), ((1, 2, 3, 3), "shape"), ((3, 3, 3), "shape"),
+                                         ((1, 1, 4, 4), "odd, got 4")])
+def test_malformed_kernel_rejected_with_its_reason(shape, match):
+    """Blur refuses a kernel that is not (C, 1, k, k) with k odd, saying which rule is broken."""
+    with pytest.raises(ValueError, match=match):
+        Blur(torch.ones(shape), (9, 9))
+
+
+def test_non_finite_kernel_rejected():
+    b = disc_kernel(3, channels=1, dtype=torch.float64)
+    b[0, 0, 1, 1] = math.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        Blur(b, (9, 9))
+
+
+@pytest.mark.parametrize("sigma", [0.0, -1.0, math.inf, math.nan])
+def test_bad_gaussian_sigma_rejected(sigma):
+    with pytest.raises(ValueError, match="sigma must be a positive finite number"):
+        gaussian_kernel(5, sigma)
+
+
+def test_unknown_kernel_kind_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="motion, motion_vertical, motion_horizontal, gaussian, disc"):
+        make_kernel("boxcar", 5, 1)
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6)])
+def test_kernel_larger_than_one_image_side_rejected(shape):
+    """A 7×7 kernel does not fit a 6-pixel side, whichever side it is."""
+    with pytest.raises(ValueError, match="larger than the image"):
+        Blur(disc_kernel(7, channels=1, dtype=torch.float64), shape)

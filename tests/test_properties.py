@@ -140,3 +140,21 @@ def test_h1_penalty_gradient_is_the_derivative(C, k, seed):
     assert P >= d.square().sum().item() * (1 - 1e-12)
     assert h1_penalty(b0, b0).item() == 0
     assert math.isclose(h1_penalty(b0 + 2 * d, b0).item(), 4 * P, rel_tol=1e-12)
+
+
+@PROPS
+@given(H=st.integers(2, 8), W=st.integers(2, 8), seed=st.integers(0, 2**16), which=st.sampled_from(["h", "v"]))
+def test_finite_difference_adjoint_differentiable_in_either_field(H, W, seed, which):
+    """Dᵀ(p_h, p_v) is linear, so its gradient with respect to the field that requires grad (only
+    one of the two) is D applied to the outer gradient: ∂⟨Dᵀp, w⟩/∂p = D w (1e-12)."""
+    ph, pv, w = rand(1, H, W, seed=seed), rand(1, H, W, seed=seed + 1), rand(1, H, W, seed=seed + 2)
+    p = (ph if which == "h" else pv).requires_grad_(True)
+    (g,) = torch.autograd.grad((FiniteDifference.A_adjoint(ph, pv) * w).sum(), p)
+    dh, dv = FiniteDifference.A(w)
+    expect = dh if which == "h" else dv
+    mask = torch.ones_like(expect)            # Dᵀ ignores the last column of p_h / last row of p_v
+    if which == "h":
+        mask[..., :, -1] = 0
+    else:
+        mask[..., -1, :] = 0
+    assert torch.allclose(g * mask, expect * mask, atol=1e-12)
