@@ -1,7 +1,12 @@
 """ADP-β for blind/semi-blind deblurring as a :class:`maid.BilevelProblem` (SPEC §1).
 
     lower:  x̂(b) = argmin_x ½‖B_b x − y‖² + R(x) + (μ₀/2)‖x‖²          (lower_level.py)
-    upper:  g(x, b) = ‖A_up x − y‖² / n + β ‖b − b₀‖²_{H¹},   n = number of entries of y
+    upper:  g(x, b) = ‖A_up x − y‖² / n + β P(b − b₀),   n = number of entries of y
+
+``P`` is the kernel penalty (``kernel_penalty``): ``'h1_squared'`` (default) ``P(d) = ‖d‖²_{H¹}``
+(smooth), or ``'h1'`` ``P(d) = ‖d‖_{H¹}`` (unsquared, the paper's; not differentiable at ``b = b₀``,
+where the subgradient 0 is used, see :func:`operators.h1_norm_grad`).  ``P`` does not depend on
+``x``, so none of the error-bound constants below depends on the choice.
 
 ``A_up`` is the learned operator ``B_b`` (``upper_operator='learned'``, the default, what the
 paper's 2D experiments do) or a fixed known operator ``A = B_a`` (``upper_operator='known'``,
@@ -12,7 +17,7 @@ directly and ``∂_b g`` enters the hypergradient.  ``R`` is any :class:`regular
 Derivatives (``r = B_b x − y``, ``corr(w, u)`` = :func:`operators.kernel_correlation`):
 
 * ``∇ₓg = (2/n) A_upᵀ(A_up x − y)``
-* ``∂_b g = β ∇‖b − b₀‖²_{H¹} + [A_up = B_b] (2/n) corr(r, x)``
+* ``∂_b g = β ∇P(b − b₀) + [A_up = B_b] (2/n) corr(r, x)``
 * ``∇²_{bx}hᵀ q = ∂_b⟨B_bᵀ(B_b x − y), q⟩ = corr(B_b q, x) + corr(r, q)``
 
 Error-bound constants (SPEC §3; closed form, circular boundaries, all documented as bounds):
@@ -43,30 +48,37 @@ import math
 
 from lower_level import LowerLevel, solve_lower
 from maid import BilevelProblem, ErrorConstants
-from operators import Blur, conv_operator_norm, h1_penalty, h1_penalty_grad, kernel_correlation
+from operators import Blur, conv_operator_norm, h1_norm, h1_norm_grad, h1_penalty, h1_penalty_grad, kernel_correlation
 from regularisers import Regulariser
 
 UPPER_OPERATORS = ("learned", "known")
+KERNEL_PENALTIES = {"h1_squared": (h1_penalty, h1_penalty_grad), "h1": (h1_norm, h1_norm_grad)}
 
 
 class ADPBetaProblem(BilevelProblem):
     """Bilevel deblurring problem; ``theta`` is the kernel ``b`` of shape (C, 1, k, k).
 
     ``regulariser`` is the lower level's ``R`` (weight included), ``beta`` the H¹ weight of the
-    upper level, ``mu0`` the Tikhonov term, ``solver`` the lower-level solver (``'fista'`` or
+    upper level, ``kernel_penalty`` its form (``'h1_squared'`` or ``'h1'``, module docstring),
+    ``mu0`` the Tikhonov term, ``solver`` the lower-level solver (``'fista'`` or
     ``'agd'``), ``metrics_fn(x) -> dict`` extra log columns.
     """
 
     def __init__(self, y, b0, regulariser, beta, mu0=0.0, upper_operator="learned", known_kernel=None,
-                 solver="fista", metrics_fn=None):
+                 solver="fista", metrics_fn=None, kernel_penalty="h1_squared"):
         if upper_operator not in UPPER_OPERATORS:
             raise ValueError(f"unknown upper_operator {upper_operator!r}; use 'learned' or 'known'")
+        if not isinstance(kernel_penalty, str) or kernel_penalty not in KERNEL_PENALTIES:
+            raise ValueError(f"unknown kernel_penalty {kernel_penalty!r}; use 'h1_squared' (β‖b − b₀‖²_H¹) "
+                             f"or 'h1' (β‖b − b₀‖_H¹)")
         if not isinstance(regulariser, Regulariser):
             raise TypeError(f"regulariser must be a regularisers.Regulariser (e.g. make_regulariser('tv', "
                             f"tv_weight, tv_smoothing)), got {type(regulariser).__name__}")
         self.y, self.b0 = y, b0
         self.regulariser, self.beta, self.mu0 = regulariser, beta, mu0
         self.learned = upper_operator == "learned"
+        self.kernel_penalty = kernel_penalty
+        self._penalty, self._penalty_grad = KERNEL_PENALTIES[kernel_penalty]
         self.A = None if self.learned else Blur(b0 if known_kernel is None else known_kernel, y.shape[-2:])
         self.n = y.numel()
         self.k = b0.shape[-1]
@@ -98,14 +110,14 @@ class ADPBetaProblem(BilevelProblem):
 
     def upper_loss(self, x, b):
         r = self._A_up(b).A(x) - self.y
-        return (r * r).sum() / self.n + self.beta * h1_penalty(b, self.b0)
+        return (r * r).sum() / self.n + self.beta * self._penalty(b, self.b0)
 
     def upper_grad_x(self, x, b):
         A = self._A_up(b)
         return (2 / self.n) * A.A_adjoint(A.A(x) - self.y)
 
     def upper_grad_theta(self, x, b):
-        grad = self.beta * h1_penalty_grad(b, self.b0)
+        grad = self.beta * self._penalty_grad(b, self.b0)
         if self.learned:
             grad = grad + (2 / self.n) * kernel_correlation(self.lower(b).blur.A(x) - self.y, x, self.k)
         return grad

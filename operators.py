@@ -1,4 +1,4 @@
-"""Linear operators of ADP-β: blur kernels, the blur ``B_b``, finite differences, the H¹ penalty.
+"""Linear operators of ADP-β: blur kernels, the blur ``B_b``, finite differences, the H¹ penalties.
 
 Conventions (SPEC §1, notation of ``../shared/SPEC.md``):
 
@@ -43,6 +43,8 @@ __all__ = [
     "conv_operator_norm",
     "h1_penalty",
     "h1_penalty_grad",
+    "h1_norm",
+    "h1_norm_grad",
 ]
 
 KERNEL_TYPES = ("motion", "motion_vertical", "motion_horizontal", "gaussian", "disc")
@@ -296,3 +298,36 @@ def h1_penalty_grad(b: torch.Tensor, b0: torch.Tensor) -> torch.Tensor:
     """Gradient of :func:`h1_penalty`: ``2 (d + DᵀD d)``."""
     d = b - b0
     return 2 * (d + FiniteDifference.A_adjoint(*FiniteDifference.A(d)))
+
+
+def _h1_scaled(b: torch.Tensor, b0: torch.Tensor):
+    """``(s, d/s)`` with ``d = b − b₀`` and ``s = max|d|`` (``s = 0``: ``d/s`` is returned as ``d``).
+
+    Both H¹ norm functions below work on ``d/s``, whose entries are at most 1 in magnitude, so the
+    squares in :func:`h1_penalty` neither underflow (a ``d`` of 1e-25 in float32) nor overflow."""
+    d = b - b0
+    s = d.detach().abs().max()
+    return s, (d if s.item() == 0 else d / s)
+
+
+def h1_norm(b: torch.Tensor, b0: torch.Tensor) -> torch.Tensor:
+    """``‖b − b₀‖_{H¹} = sqrt(‖d‖² + ‖D_h d‖² + ‖D_v d‖²)`` (unsquared; the paper's kernel penalty,
+    SPEC §5), evaluated as ``s·sqrt(h1_penalty(d/s, 0))``, ``s = max|d|`` (no under/overflow)."""
+    s, u = _h1_scaled(b, b0)
+    return s * torch.sqrt(h1_penalty(u, torch.zeros_like(u)))
+
+
+def h1_norm_grad(b: torch.Tensor, b0: torch.Tensor) -> torch.Tensor:
+    """Gradient of :func:`h1_norm`: ``(d + DᵀD d)/‖d‖_{H¹}`` for ``d = b − b₀ ≠ 0`` (= ``∇‖d‖²_{H¹}/(2‖d‖_{H¹})``,
+    scale-invariant, so evaluated on ``d/max|d|``).
+
+    At ``b = b₀`` the norm is not differentiable; its subdifferential is ``{M u : uᵀM u ≤ 1}``
+    (``M = I + DᵀD``) and this returns the subgradient 0 (the minimal-norm one).  A gradient method
+    that starts at ``b₀`` therefore moves along the data term's gradient alone in its first step;
+    staying at ``b₀`` when that is optimal (dual norm of the data gradient ≤ β) needs a proximal step
+    (``maid.py``'s proximal MAID), not this subgradient."""
+    s, u = _h1_scaled(b, b0)
+    if s.item() == 0:
+        return torch.zeros_like(b)
+    g = 0.5 * h1_penalty_grad(u, torch.zeros_like(u))
+    return g / torch.sqrt(h1_penalty(u, torch.zeros_like(u)))
