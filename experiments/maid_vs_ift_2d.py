@@ -10,6 +10,8 @@ same start ``(b₀, x = y)``:
 
 * **MAID**: ``maid.maid`` with the fair protocol's configuration (ε₀ = 10⁻², δ₀ = 10⁻⁶, step₀ = 1,
   stop at ε < 10⁻⁶ or ``upper_iter`` iterations);
+* **MAID(k=v,…)**: ``maid_variants``, MAID with some fields of the configuration changed (e.g.
+  ``eps0=1e-4,max_backtracks=2``), to show where MAID's cost goes;
 * **IFT ε**: ``maid.inexact_gradient_descent`` with fixed accuracy ε ∈ {10⁻², 10⁻⁴, 10⁻⁶}, the
   CG tolerance ``δ = ε·δ₀/ε₀`` (MAID's ratio), the fixed step ``ift_step`` (default MAID's
   step₀), ``upper_iter`` iterations.
@@ -60,6 +62,7 @@ upper_operator = "learned"    # learned | known
 ift_eps = "1e-2,1e-4,1e-6"    # accuracies of the IFT runs
 ift_step = 0.0                # fixed IFT step (0: MAID's step₀)
 upper_iter = 40               # upper iterations of every run
+maid_variants = ""            # extra MAID runs: ";"-separated, each "k=v,k=v" of MAIDConfig fields (e.g. "eps0=1e-4,max_backtracks=2")
 eval_eps = 1e-7               # accuracy of the uncounted re-evaluation of f(b_k)
 target_fraction = 0.01        # target: f_best + target_fraction·(f(b₀) − f_best)
 quick = False                 # 64×64, 8 upper iterations
@@ -79,17 +82,19 @@ def make_problem(case, operator):
                              operator)
 
 
-def run_method(problem, case, name, eps, step, max_iter):
-    """One run; returns ``(log, kernels)``: the log records and ``b_k`` after each iteration
-    (copied in the callback, outside the run's clock), with ``b₀`` first at time 0."""
+def run_method(problem, case, name, eps, step, max_iter, changes=None):
+    """One run; returns ``(log, kernels, stop)``: the log records and ``b_k`` after each iteration
+    (copied in the callback, outside the run's clock), with ``b₀`` first at time 0.  ``changes``:
+    MAIDConfig fields that differ from the fair protocol (MAID variants)."""
     from maid import inexact_gradient_descent, maid
     kernels = [case.b0.clone()]
 
     def keep(rec, st):
         kernels.append(st.theta.detach().clone())
 
-    if name == "MAID":
-        res = maid(problem, case.b0.clone(), case.y.clone(), P.fair_maid_config(max_iter), callback=keep)
+    if name.startswith("MAID"):
+        res = maid(problem, case.b0.clone(), case.y.clone(), P.fair_maid_config(max_iter, **(changes or {})),
+                   callback=keep)
     else:
         res = inexact_gradient_descent(problem, case.b0.clone(), case.y.clone(), eps, step, max_iter,
                                        delta=eps * P.FAIR["delta0"] / P.FAIR["eps0"], lower_max_iter=P.LOWER_ITER,
@@ -169,7 +174,27 @@ def resolve(cfg=None, **overrides):
     check(opts["ift_step"] >= 0 and math.isfinite(opts["ift_step"]), "ift_step must be ≥ 0 (0: MAID's step₀)")
     check(opts["eval_eps"] > 0 and 0 < opts["target_fraction"] < 1, "eval_eps > 0 and 0 < target_fraction < 1")
     opts["_eps"] = eps
+    opts["_variants"] = [parse_variant(v) for v in opts["maid_variants"].split(";") if v.strip()]
     return opts
+
+
+def parse_variant(text: str) -> dict:
+    """``"eps0=1e-4,max_backtracks=2"`` → ``{"eps0": 1e-4, "max_backtracks": 2}`` (MAIDConfig fields)."""
+    import dataclasses
+    from maid import MAIDConfig
+    fields = {f.name: f for f in dataclasses.fields(MAIDConfig)}
+    out = {}
+    for item in text.replace(" ", ",").split(","):
+        if not item:
+            continue
+        k, eq, v = item.partition("=")
+        check(eq and k in fields, f"maid_variants: {item!r} is not name=value with a MAIDConfig field "
+                                  f"({', '.join(fields)})")
+        try:
+            out[k] = int(v) if k in ("max_backtracks", "max_iter", "patience") else float(v)
+        except ValueError:
+            raise ConfigError(f"maid_variants: {item!r} needs a number") from None
+    return out
 
 
 def run(cfg=None, **overrides) -> dict:
@@ -181,18 +206,21 @@ def run(cfg=None, **overrides) -> dict:
     run_dir = config.make_run_dir(opts["results_dir"], time.strftime("%Y%m%d-%H%M%S") + ("_quick" if opts["quick"] else ""))
     figures.save_json(os.path.join(run_dir, "config.json"), {k: v for k, v in opts.items() if not k.startswith("_")})
     step = opts["ift_step"] or P.FAIR["step0"]
-    methods = [("MAID", None)] + [(f"IFT_{e:.0e}".replace("e-0", "e-"), e) for e in opts["_eps"]]
+    methods = ([("MAID", None, None)] +
+               [("MAID(" + ",".join(f"{k}={v:g}" for k, v in ch.items()) + ")", None, ch) for ch in opts["_variants"]] +
+               [(f"IFT_{e:.0e}".replace("e-0", "e-"), e, None) for e in opts["_eps"]])
     runs = {}
-    for name, eps in tqdm(methods, desc="maid_vs_ift_2d", unit="run", dynamic_ncols=True):
+    for name, eps, ch in tqdm(methods, desc="maid_vs_ift_2d", unit="run", dynamic_ncols=True):
         log, kernels, stop = run_method(make_problem(case, opts["upper_operator"]), case, name, eps, step,
-                                        opts["upper_iter"])
+                                        opts["upper_iter"], ch)
         f = reevaluate(make_problem(case, opts["upper_operator"]), case, kernels, opts["eval_eps"])
         runs[name] = {"times": [0.0] + [r["time"] for r in log], "lower": [0] + [r["lower_iters"] for r in log],
                       "f": f, "logged": [math.nan] + [r["upper_loss"] for r in log], "stop": stop,
                       "accepted": sum(r["accepted"] for r in log), "iters": len(log),
                       "cg": log[-1]["cg_iters"] if log else 0,
                       "kernel_move": P.kernel_move(kernels[-1], case.b0)}
-        figures.save_csv(os.path.join(run_dir, f"log_{name}.csv"),
+        safe = "".join(c if c.isalnum() or c in "-." else "_" for c in name).strip("_")
+        figures.save_csv(os.path.join(run_dir, f"log_{safe}.csv"),
                          [dict(r, f_reevaluated=fv) for r, fv in zip([{}] + log, f)])
     f0 = runs["MAID"]["f"][0]
     f_best = min(r["f"][-1] for r in runs.values())
@@ -221,10 +249,11 @@ def main(argv):
     s, runs = out["summary"], out["runs"]
     print(f"f(b0) = {s['f_b0']:.10g}   best final f = {s['f_best_final']:.10g}   decrease = "
           f"{s['f_b0'] - s['f_best_final']:.3g} (relative {(s['f_b0'] - s['f_best_final']) / s['f_b0']:.2e})")
-    print(f"{'run':10s} {'iters':>5s} {'acc':>4s} {'stop':>10s} {'final f':>16s} {'f−f_best':>10s} {'time [s]':>9s} "
+    w = max(10, *(len(k) for k in runs))
+    print(f"{'run':{w}s} {'iters':>5s} {'acc':>4s} {'stop':>10s} {'final f':>16s} {'f−f_best':>10s} {'time [s]':>9s} "
           f"{'lower it':>8s} {'CG it':>6s} {'|b−b0|/|b0|':>11s} {'t→target':>9s}")
     for k, r in runs.items():
-        print(f"{k:10s} {r['iters']:5d} {r['accepted']:4d} {r['stop']:>10s} {r['f'][-1]:16.10g} "
+        print(f"{k:{w}s} {r['iters']:5d} {r['accepted']:4d} {r['stop']:>10s} {r['f'][-1]:16.10g} "
               f"{r['f'][-1] - s['f_best_final']:10.3g} {r['times'][-1]:9.2f} {r['lower'][-1]:8d} {r['cg']:6d} "
               f"{r['kernel_move']:11.3g} {_fmt_t(s['time_to_target'][k]):>9s}")
     print(out["run_dir"])

@@ -3,7 +3,7 @@
     python experiments/reproduce_2d.py                 # full table: 4 images × 3 settings, 256×256
     python experiments/reproduce_2d.py --quick         # CI-sized: astronaut, 64×64, few iterations
     python experiments/reproduce_2d.py --images=astronaut --settings=semiblind_1.5
-    python experiments/reproduce_2d.py --jobs=2        # one process per image
+    python experiments/reproduce_2d.py --jobs=2        # two worker processes (one case at a time each)
     python experiments/reproduce_2d.py --resume=Results/reproduction/<run>   # reuse finished cases
 
 For every image (``images/``) and setting (``motion``, ``semiblind_0.5``, ``semiblind_1.5``; the
@@ -70,12 +70,16 @@ rows = "all"               # comma-separated row names (see --list_rows), or all
 quick = False              # CI-sized run: astronaut, 64×64, few upper iterations
 with_dip = False           # add the DIP rows (needs DIP.run)
 upper_iter = 0             # cap on MAID upper iterations of every ADP row (0: the protocols' own)
-jobs = 1                   # processes (one image each)
+jobs = 1                   # worker processes (each runs whole cases)
 threads = 1                # torch threads per process
 results_dir = "Results/reproduction"
 resume = ""                # a previous run folder: its finished cases are reused
 list_rows = False          # print the row names and exit
 dip_iterations = 0         # DIP rows: Adam iterations (0: DIP.py's default)
+# sensitivity runs only (0: the fair protocol's value, protocols.FAIR); the table uses none of them
+fair_beta = 0.0            # β of the fair ADP rows
+fair_threshold = 0.0       # MAID's ε_min in the fair ADP rows
+fair_step0 = 0.0           # MAID's initial step in the fair ADP rows
 DEFAULTS = config.defaults(globals())
 _PROG = "experiments/reproduce_2d.py"
 _QUICK = dict(images="astronaut", size=64, upper_iter=6, dip_iterations=60)
@@ -231,8 +235,10 @@ def _adp_fair(operator):
         case = ctx.case
         x0 = _x_tv_fair(ctx)
         problem = P.adp_problem_for(case, P.FAIR["tv_kind"], P.FAIR["tv_weight"], P.FAIR["tv_smoothing"],
-                                    P.FAIR["beta"], operator)
-        cfg = P.fair_maid_config(_upper_iter(ctx, P.FAIR["upper_iter"]))
+                                    ctx.opts["fair_beta"] or P.FAIR["beta"], operator)
+        cfg = P.fair_maid_config(_upper_iter(ctx, P.FAIR["upper_iter"]),
+                                 **{k: ctx.opts[o] for k, o in (("eps_min", "fair_threshold"), ("step0", "fair_step0"))
+                                    if ctx.opts[o]})
         res, sec = _timed(lambda: maid(problem, case.b0.clone(), x0.clone(), cfg))
         return _maid_columns(ctx, name, res, sec)
     return fn
@@ -336,10 +342,10 @@ def _crop(x, side=96):
     return x[..., i:i + s, j:j + s].detach().clamp(0, 1).float().cpu()
 
 
-def _run_image(args):
-    """Worker: all settings of one image (one process); returns the case results."""
-    image, settings_, opts = args
-    return [run_case(image, s, opts) for s in settings_]
+def _run_one(args):
+    """Worker (one process per job): one case, all its rows."""
+    image, setting, opts = args
+    return run_case(image, setting, opts)
 
 
 # ------------------------------------------------------------------------------------------
@@ -517,6 +523,8 @@ def resolve(cfg: dict | None = None, **overrides) -> dict:
     check(opts["size"] >= 16, f"size must be at least 16 (kernels up to 9×9 and the SSIM window), got {opts['size']}")
     check(opts["jobs"] >= 1 and opts["threads"] >= 1, "jobs and threads must be positive integers")
     check(opts["upper_iter"] >= 0, f"upper_iter must be ≥ 0, got {opts['upper_iter']}")
+    for k in ("fair_beta", "fair_threshold", "fair_step0"):
+        check(opts[k] >= 0 and math.isfinite(opts[k]), f"{k} must be ≥ 0 (0: the fair protocol's value), got {opts[k]}")
     if opts["resume"]:
         check(os.path.isdir(os.path.join(opts["resume"], "cases")),
               f"--resume={opts['resume']!r} is not a reproduce_2d run folder (no cases/ inside)")
@@ -576,18 +584,15 @@ def run(cfg: dict | None = None, **overrides) -> dict:
                 done[(im, s)] = res
                 _save_case(run_dir, res)
         else:
-            from concurrent.futures import ProcessPoolExecutor
+            from concurrent.futures import ProcessPoolExecutor, as_completed
             import multiprocessing as mp
-            per_image = {}
-            for im, s in todo:
-                per_image.setdefault(im, []).append(s)
             with ProcessPoolExecutor(opts["jobs"], mp_context=mp.get_context("spawn")) as ex:
-                futs = [ex.submit(_run_image, (im, sts, opts)) for im, sts in per_image.items()]
-                for fu in futs:
-                    for res in fu.result():
-                        done[(res["image"], res["setting"])] = res
-                        _save_case(run_dir, res)
-                        bar.update(len(names))
+                futs = [ex.submit(_run_one, (im, s, opts)) for im, s in todo]
+                for fu in as_completed(futs):        # each case is saved as soon as it is done
+                    res = fu.result()
+                    done[(res["image"], res["setting"])] = res
+                    _save_case(run_dir, res)
+                    bar.update(len(names))
     except KeyboardInterrupt:
         bar.close()
         print(f"interrupted: {len(done)} finished cases are in {run_dir}/cases; continue with "
