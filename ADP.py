@@ -45,6 +45,8 @@ lower_iter = 3000          # cap on lower-level iterations per solve (hits are c
 # upper level  g(x, b) = ‖A_up x − y‖²/n + beta ‖b − b₀‖²_{H¹}
 beta = 0.1                 # β, weight of the H¹ kernel penalty (grid search, see README)
 upper_operator = "learned"  # learned: A_up = B_b (the paper's 2D choice) | known: A_up = B_{b₀}
+kernel_penalty = "h1_squared"  # h1_squared: β‖b − b₀‖²_{H¹} (smooth) | h1: β‖b − b₀‖_{H¹} (the paper's; subgradient 0 at b₀)
+upper_normalisation = "n"  # n: data term over n = entries of y | channels: over the C channels (the paper's /3)
 # MAID
 upper_iter = 40            # maximum number of upper iterations
 step = 1.0                 # initial upper-level step size α₀
@@ -60,6 +62,8 @@ backtracks = 5             # at most this many step sizes per line search
 cg_iter = 200              # cap on CG iterations per linear solve
 descent_check = False      # tighten ε until ω ≤ (1−η)‖z‖ (worst-case ω is far above ‖z‖ here; see README)
 baseline_eps = 1e-2        # accuracy of the TV baseline with b₀ ("solved to convergence")
+baseline_iters = 0         # 0: baseline solved to ‖∇h‖ ≤ μ·baseline_eps (fair) | N: exactly N iterations from y (paper: 100)
+baseline_lipschitz_factor = 1.0  # N > 0 only: step 1/L̃, L̃ = 10 power iterations on ∇²h(y) with the regulariser × this (paper: 100)
 # output and machine
 results_dir = "Results"    # a new folder is made inside for every run
 device = "auto"            # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
@@ -79,13 +83,17 @@ from tqdm import tqdm  # noqa: E402
 import figures  # noqa: E402
 from adp_problem import UPPER_OPERATORS, ADPBetaProblem  # noqa: E402
 from imaging import make_data, psnr_ssim, resolve_device  # noqa: E402
-from lower_level import SOLVERS, solve_lower  # noqa: E402
+from lower_level import SOLVERS, LowerLevel, hessian_norm_estimate, solve_lower, solve_lower_fixed  # noqa: E402
+from operators import h1_norm, h1_norm_grad  # noqa: E402
 from maid import MAIDConfig, MAIDState, maid  # noqa: E402
 from regularisers import REGULARISERS, make_regulariser  # noqa: E402
 
 PROG = "ADP.py"
 SETTINGS = ("motion", "gaussian", "disc", "semiblind")
 NO_STEP_LABEL = "unchanged (no step accepted)"
+KERNEL_PENALTIES = ("h1_squared", "h1")
+NORMALISATIONS = ("n", "channels")
+POWER_ITERS = 10           # power iterations of the fixed-iteration baseline's L̃ (the paper's code)
 _IMAGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "images")
 _MIN_SIZE = 11             # SSIM's Gaussian window (σ = 1.5) is 11×11
 _RUN_LOCAL = ("results_dir", "device", "resume", "progress")   # never taken from a checkpoint's saved config
@@ -109,7 +117,7 @@ def _range_checks(cfg: dict) -> None:
     lo, hi = math.sqrt(fi.tiny), math.sqrt(fi.max)
     a, g = cfg["tv_weight"], cfg["tv_smoothing"]
     quantities = [(k, cfg[k]) for k in ("tv_weight", "tv_smoothing", "beta", "mu0", "step", "eps0", "delta0",
-                                        "threshold", "eta", "baseline_eps")]
+                                        "threshold", "eta", "baseline_eps", "baseline_lipschitz_factor")]
     quantities += [("noise_level", cfg["noise_level"])] if cfg["noise_level"] > 0 else []
     quantities += [("tv_smoothing² (γ²)", g * g), ("tv_weight/tv_smoothing (α/γ)", a / g),
                    ("tv_weight/tv_smoothing² (α/γ²)", a / g / g), ("1/mu0", 1 / cfg["mu0"])]
@@ -137,7 +145,7 @@ def validate(cfg: dict) -> None:
           f"unknown regulariser {cfg['regulariser']!r}; use one of {', '.join(REGULARISERS)}")
     finite_positive("noise_level", cfg["noise_level"], allow_zero=True)
     for name in ("tv_weight", "tv_smoothing", "beta", "eps0", "delta0", "step", "threshold", "eta",
-                 "baseline_eps", "blur_sigma", "semiblind_sigma"):
+                 "baseline_eps", "baseline_lipschitz_factor", "blur_sigma", "semiblind_sigma"):
         finite_positive(name, cfg[name])
     check(math.isfinite(cfg["mu0"]) and cfg["mu0"] > 0,
           f"mu0 must be a positive finite number, got {cfg['mu0']!r}: h is μ₀-strongly convex only through it "
@@ -153,6 +161,11 @@ def validate(cfg: dict) -> None:
         check(cfg[name] >= 1, f"{name} must be a positive integer, got {cfg[name]}")
     check(cfg["upper_operator"] in UPPER_OPERATORS,
           f"unknown upper_operator {cfg['upper_operator']!r}; use one of {', '.join(UPPER_OPERATORS)}")
+    check(cfg["baseline_iters"] >= 0, f"baseline_iters must be ≥ 0 (0: solve to convergence), got {cfg['baseline_iters']}")
+    check(cfg["kernel_penalty"] in KERNEL_PENALTIES,
+          f"unknown kernel_penalty {cfg['kernel_penalty']!r}; use one of {', '.join(KERNEL_PENALTIES)}")
+    check(cfg["upper_normalisation"] in NORMALISATIONS,
+          f"unknown upper_normalisation {cfg['upper_normalisation']!r}; use one of {', '.join(NORMALISATIONS)}")
     check(cfg["lower_solver"] in SOLVERS, f"unknown lower_solver {cfg['lower_solver']!r}; use one of {', '.join(SOLVERS)}")
     _range_checks(cfg)
 
@@ -160,25 +173,72 @@ def validate(cfg: dict) -> None:
 # ------------------------------------------------------------------------------------------
 # the pieces shared with benchmarks/grid_search.py
 # ------------------------------------------------------------------------------------------
+class UnsquaredH1Problem(ADPBetaProblem):
+    """ADP-β with the paper's kernel penalty ``β‖b − b₀‖_{H¹}`` (unsquared, :func:`operators.h1_norm`)
+    in place of ``β‖b − b₀‖²_{H¹}``: built with the squared penalty's weight 0 and the unsquared
+    one added to ``g`` and ``∂_b g`` (it does not depend on ``x``, so ``∇ₓg``, ``L_g`` and ω's
+    constants are unchanged).  At ``b = b₀`` the norm is not differentiable and the subgradient
+    0 is used (:func:`operators.h1_norm_grad`): MAID's first step then moves along the data
+    term's gradient alone; the proximal MAID step (maid.py) is what will handle ``b₀`` exactly."""
+
+    def __init__(self, y, b0, regulariser, beta, **kw):
+        super().__init__(y, b0, regulariser, 0.0, **kw)
+        self.h1_weight = beta
+
+    def upper_loss(self, x, b):
+        return super().upper_loss(x, b) + self.h1_weight * h1_norm(b, self.b0)
+
+    def upper_grad_theta(self, x, b):
+        return super().upper_grad_theta(x, b) + self.h1_weight * h1_norm_grad(b, self.b0)
+
+
+def upper_scale(cfg: dict, y: torch.Tensor) -> float:
+    """``c`` with ``g_cfg = c·g``: the configured upper level over our n-normalised one.
+
+    ``upper_normalisation = "channels"`` asks for ``‖A_up x − y‖²/C + β_C·P(b)`` (the paper's /3);
+    that is ``c·[‖A_up x − y‖²/n + (β_C/c)·P(b)]`` with ``c = n/C``.  MAID on ``c·g`` is MAID on ``g``
+    with the step ``c·α``, the CG tolerance ``δ/c`` and the penalty weight ``β/c`` (both sides of
+    the sufficient-decrease test and ω scale with ``c``; ε, an accuracy of ``x``, does not), so
+    the driver keeps ``ADPBetaProblem``'s n-normalisation and maps the three settings
+    (:func:`build_problem`, :func:`maid_config`); the logged upper loss is ``g = g_cfg/c``."""
+    return y.numel() / y.shape[0] if cfg["upper_normalisation"] == "channels" else 1.0
+
+
 def build_problem(cfg: dict, y: torch.Tensor, b0: torch.Tensor, metrics_fn=None) -> ADPBetaProblem:
-    """ADP-β (SPEC §1) for the data ``(y, b₀)`` with ``cfg``'s regulariser, β, μ₀, upper operator
-    and lower solver."""
+    """ADP-β (SPEC §1) for the data ``(y, b₀)`` with ``cfg``'s regulariser, β (over
+    :func:`upper_scale`), kernel penalty, μ₀, upper operator and lower solver."""
     reg = make_regulariser(cfg["regulariser"], cfg["tv_weight"], cfg["tv_smoothing"])
-    return ADPBetaProblem(y, b0, reg, cfg["beta"], cfg["mu0"], cfg["upper_operator"], solver=cfg["lower_solver"],
-                          metrics_fn=metrics_fn)
+    cls = UnsquaredH1Problem if cfg["kernel_penalty"] == "h1" else ADPBetaProblem
+    return cls(y, b0, reg, cfg["beta"] / upper_scale(cfg, y), mu0=cfg["mu0"], upper_operator=cfg["upper_operator"],
+               solver=cfg["lower_solver"], metrics_fn=metrics_fn)
 
 
-def maid_config(cfg: dict) -> MAIDConfig:
-    """MAID's parameters (SPEC §3) from the driver's names."""
-    return MAIDConfig(eps0=cfg["eps0"], delta0=cfg["delta0"], step0=cfg["step"], rho=cfg["rho"], tau=cfg["tau"],
-                      nu=cfg["nu"], nu_step=cfg["nu_step"], eta=cfg["eta"], max_backtracks=cfg["backtracks"],
-                      eps_min=cfg["threshold"], max_iter=cfg["upper_iter"], lower_max_iter=cfg["lower_iter"],
-                      cg_max_iter=cfg["cg_iter"], descent_check=cfg["descent_check"])
+def maid_config(cfg: dict, scale: float = 1.0) -> MAIDConfig:
+    """MAID's parameters (SPEC §3) from the driver's names; ``scale`` = :func:`upper_scale` maps the
+    configured step and CG tolerance onto the n-normalised upper level."""
+    return MAIDConfig(eps0=cfg["eps0"], delta0=cfg["delta0"] / scale, step0=cfg["step"] * scale, rho=cfg["rho"],
+                      tau=cfg["tau"], nu=cfg["nu"], nu_step=cfg["nu_step"], eta=cfg["eta"],
+                      max_backtracks=cfg["backtracks"], eps_min=cfg["threshold"], max_iter=cfg["upper_iter"],
+                      lower_max_iter=cfg["lower_iter"], cg_max_iter=cfg["cg_iter"], descent_check=cfg["descent_check"])
 
 
-def solve_baseline(problem: ADPBetaProblem, cfg: dict, b0: torch.Tensor, y: torch.Tensor):
-    """The fair baseline: TV with the known kernel b₀, solved from ``y`` until ‖∇h‖ ≤ μ·baseline_eps."""
-    return solve_lower(problem.lower(b0), y.clone(), cfg["baseline_eps"], 10 * cfg["lower_iter"], cfg["lower_solver"])
+def baseline_step(cfg: dict, b0: torch.Tensor, y: torch.Tensor) -> float:
+    """The fixed-iteration baseline's step ``1/L̃``: ``L̃`` = :data:`POWER_ITERS` power iterations on
+    the Hessian of ``h`` at ``x = y`` with the regulariser weight × ``baseline_lipschitz_factor``
+    (the paper's code: ×100, while its iterations descend the objective without the ×100)."""
+    reg = make_regulariser(cfg["regulariser"], cfg["tv_weight"] * cfg["baseline_lipschitz_factor"], cfg["tv_smoothing"])
+    return 1.0 / hessian_norm_estimate(LowerLevel(b0, y, reg, cfg["mu0"]), y, POWER_ITERS)
+
+
+def solve_baseline(problem: ADPBetaProblem, cfg: dict, b0: torch.Tensor, y: torch.Tensor, step: float | None = None):
+    """TV with the known kernel b₀ from ``y``: solved until ‖∇h‖ ≤ μ·baseline_eps (the fair
+    baseline, ``baseline_iters = 0``), or exactly ``baseline_iters`` iterations with the step
+    ``step`` (default :func:`baseline_step`; the paper protocol's, not converged)."""
+    h = problem.lower(b0)
+    if cfg["baseline_iters"] == 0:
+        return solve_lower(h, y.clone(), cfg["baseline_eps"], 10 * cfg["lower_iter"], cfg["lower_solver"])
+    step = baseline_step(cfg, b0, y) if step is None else step
+    return solve_lower_fixed(h, y.clone(), cfg["baseline_iters"], step, cfg["lower_solver"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -237,7 +297,7 @@ def run(cfg: dict | None = None, **overrides) -> dict:
     ``cfg`` and ``overrides`` name settings to change from :data:`DEFAULTS` (pass only those:
     with ``resume``, any other setting that differs from the checkpoint's is refused).  Raises
     :class:`config.ConfigError` on bad input before anything is written, :class:`NumericalError`
-    if the TV baseline meets NaN/Inf (its folder is then removed), and ``KeyboardInterrupt``
+    if the TV baseline meets NaN/Inf (before any folder exists), and ``KeyboardInterrupt``
     during the TV baseline (nothing to resume).  A Ctrl-C during MAID is not raised: the outputs
     and a resumable checkpoint are written and the summary has ``interrupted = True``.
     """
@@ -267,9 +327,11 @@ def run(cfg: dict | None = None, **overrides) -> dict:
 
     # -- the fair baseline: TV with the known kernel b₀ (before any folder exists) -------------
     problem = build_problem(cfg, y, b0, metrics)
+    mcfg = maid_config(cfg, upper_scale(cfg, y))
     t0 = time.perf_counter()
     try:
-        base = solve_baseline(problem, cfg, b0, y)
+        b_step = baseline_step(cfg, b0, y) if cfg["baseline_iters"] else None
+        base = solve_baseline(problem, cfg, b0, y, b_step)
     except KeyboardInterrupt:
         print("interrupted during the TV baseline, before MAID started: nothing written, nothing to resume",
               file=sys.stderr)
@@ -278,9 +340,15 @@ def run(cfg: dict | None = None, **overrides) -> dict:
     if base.status == "non_finite":
         raise NumericalError(f"the TV baseline met NaN/Inf after {base.iters} iterations; check tv_weight, "
                              f"tv_smoothing and mu0 (and the image)")
-    if not base.converged:
+    L = problem.lower(b0).L
+    if b_step is not None:
+        _say(cfg, f"TV baseline: {base.iters} fixed iterations from y with the step 1/L̃ = {b_step:.3g} "
+                  f"(= {b_step * L:.3g}/L of the objective it descends), ‖∇h‖ = {base.grad_norm:.3g}: not converged")
+    elif not base.converged:
         print(f"warning: TV baseline hit its iteration cap ({base.iters}) with ‖∇h‖ = {base.grad_norm:.3g} "
               f"> μ ε = {problem.lower(b0).mu * cfg['baseline_eps']:.3g}", file=sys.stderr)
+    baseline = {"baseline_iterations": base.iters, "baseline_seconds": t_base, "baseline_converged": base.converged,
+                "baseline_step": b_step, "baseline_step_times_L": None if b_step is None else b_step * L}
 
     name = time.strftime("%Y%m%d-%H%M%S") + f"_{cfg['setting']}_{os.path.splitext(os.path.basename(cfg['image']))[0]}"
     run_dir = config.make_run_dir(cfg["results_dir"], name)
@@ -301,36 +369,36 @@ def run(cfg: dict | None = None, **overrides) -> dict:
 
     interrupted = False
     try:
-        result = maid(problem, b0.clone(), y.clone(), maid_config(cfg), state=state, callback=on_iteration)
+        result = maid(problem, b0.clone(), y.clone(), mcfg, state=state, callback=on_iteration)
         log, b_star, x_adp, stop_reason = result.log, result.theta, result.x, result.stop_reason
         payload = _payload(cfg, result.state)
     except KeyboardInterrupt:
         interrupted = True
         payload = last_good.get("payload") or _payload(
-            cfg, state or MAIDState(b0.clone(), y.clone(), None, cfg["eps0"], cfg["delta0"], cfg["step"]))
+            cfg, state or MAIDState(b0.clone(), y.clone(), None, mcfg.eps0, mcfg.delta0, mcfg.step0))
         s = payload["state"]
         log, b_star, x_adp, stop_reason = s["log"], s["theta"].to(dev), s["x"].to(dev), "interrupted"
     bar.close()
     if stop_reason == "non_finite":
         print("warning: MAID met a NaN/Inf (iterate, loss or hypergradient) and stopped; the outputs hold the "
               "last finite kernel and reconstruction", file=sys.stderr)
-    return _outputs(cfg, run_dir, x_true, y, b0, base, t_base, log, b_star, x_adp, stop_reason, payload,
+    return _outputs(cfg, run_dir, x_true, y, b0, base.x, baseline, log, b_star, x_adp, stop_reason, payload,
                     interrupted, t_start)
 
 
-def _outputs(cfg, run_dir, x_true, y, b0, base, t_base, log, b_star, x_adp, stop_reason, payload, interrupted,
+def _outputs(cfg, run_dir, x_true, y, b0, x_tv, baseline, log, b_star, x_adp, stop_reason, payload, interrupted,
              t_start) -> dict:
     """Write log, kernels, checkpoint, figures and summary into ``run_dir``; return the summary."""
     accepted = sum(bool(r["accepted"]) for r in log)
     adp_label = "ADP-β-MAID" if accepted else f"ADP-β-MAID: {NO_STEP_LABEL}"
-    scores = {"blurry": psnr_ssim(y, x_true), "TV (b₀)": psnr_ssim(base.x, x_true),
+    scores = {"blurry": psnr_ssim(y, x_true), "TV (b₀)": psnr_ssim(x_tv, x_true),
               "ADP-β-MAID": psnr_ssim(x_adp, x_true)}
     figures.save_csv(os.path.join(run_dir, "log.csv"), log)
     figures.save_torch(os.path.join(run_dir, "kernel.pt"), {"b_star": b_star.cpu(), "b0": b0.cpu()})
     figures.save_torch(os.path.join(run_dir, "checkpoint.pt"), payload)
     titles = ("blurry", "TV (b₀)", adp_label)
     figures.comparison_figure([("ground truth", x_true)] + [(f"{t}\nPSNR {p:.2f} dB, SSIM {s:.3f}", x) for t, (p, s), x
-                              in zip(titles, scores.values(), (y, base.x, x_adp))],
+                              in zip(titles, scores.values(), (y, x_tv, x_adp))],
                               os.path.join(run_dir, "comparison.png"))
     figures.kernel_figure(b0, b_star, os.path.join(run_dir, "kernels.png"))
     if log:
@@ -344,7 +412,7 @@ def _outputs(cfg, run_dir, x_true, y, b0, base, t_base, log, b_star, x_adp, stop
                "lower_iterations": last.get("lower_iters", 0), "cg_iterations": last.get("cg_iters", 0),
                "lower_cap_hits": last.get("lower_cap_hits", 0), "cg_cap_hits": last.get("cg_cap_hits", 0),
                "kernel_change": (torch.linalg.vector_norm(b_star - b0) / torch.linalg.vector_norm(b0)).item(),
-               "baseline_iterations": base.iters, "baseline_seconds": t_base,
+               **baseline, "upper_scale": upper_scale(cfg, y),
                "maid_seconds": last.get("time", 0.0), "total_seconds": total}
     figures.save_json(os.path.join(run_dir, "summary.json"), summary)
     _report(cfg, run_dir, summary, scores, interrupted)

@@ -59,7 +59,10 @@ ift_lower_max_iter = 500   # lower-level iterations per upper step, at most
 # ADP LISTA
 lista_steps = 4000         # SGD steps (paper's budget)
 lista_layers = 50          # unrolled proximal-gradient layers per step
-lista_paper_loss = False   # log LISTA's loss as ‖Ax − y‖² (no ½: the paper figure's scale, 2× g); training unchanged
+lista_paper_loss = False   # log LISTA's loss doubled, as the paper's code does (‖Ax − y‖², no ½); training unchanged
+# the paper code's other 1D differences (SPEC §5), off by default
+paper_adjoint = False      # IFT's and MAID's adjoint with (I − DM) instead of its transpose (the paper's grad_B_func)
+maid_paper_stop = False    # MAID's lower solves stop on ‖Bx − y + α₁sign(x) + α₂x‖ ≤ ε (no Bᵀ; not a certificate)
 # ADP-MAID
 maid_iters = 300           # upper iterations, at most
 maid_eps0 = 1e-3           # initial accuracy ε₀ (δ₀ = ε₀)
@@ -94,7 +97,8 @@ from tqdm import tqdm  # noqa: E402
 
 import figures  # noqa: E402
 import maid  # noqa: E402
-from elastic_net import ElasticNetBilevel, make_data, run_lista  # noqa: E402
+from elastic_net import ElasticNetBilevel, make_data, prox_grad_step, run_lista  # noqa: E402
+from maid import LowerSolve  # noqa: E402
 
 PROG = "ADP_1D.py"
 NAMES = ("IFT", "LISTA", "MAID")
@@ -134,6 +138,47 @@ def validate(cfg: dict) -> None:
         raise ConfigError(str(e)) from None
 
 
+# ------------------------------------------------------------------ the paper code's defects (SPEC §5)
+class PaperDefects(ElasticNetBilevel):
+    """:class:`elastic_net.ElasticNetBilevel` with the paper code's 1D defects as switches.
+
+    ``paper_adjoint``: the paper solves ``(I − DM) v = ∇ₓg`` (``M = I − H``, ``H = BᵀB + α₂I``, ``D``
+    the support projection; ``v`` is then zeroed off the support ``S``) where implicit
+    differentiation of ``x = S(Mx + c)`` needs ``(I − DM)ᵀ = I − MD``.  Off ``S`` the rows of
+    ``I − DM`` are the identity, so ``v_N = (∇ₓg)_N`` and on ``S``
+    ``H_SS v_S = (∇ₓg)_S + M_SN (∇ₓg)_N = (∇ₓg)_S − (BᵀB)_SN (∇ₓg)_N``, while the transpose gives
+    ``H_SS v_S = (∇ₓg)_S``: the defect is the extra right-hand side ``−P_S BᵀB P_N ∇ₓg``.
+
+    ``paper_stop``: the lower solve stops when ``‖Bx − y + α₁ sign(x) + α₂x‖ ≤ ε``, the paper's
+    MAID test without ``Bᵀ`` (the optimality condition is ``Bᵀ(Bx − y) + α₁ξ + α₂x = 0``): its
+    left side does not vanish at ``x̂`` (``‖Bx̂ − y‖`` is about the noise level, 0.005·√n ≈ 0.07
+    here), so with MAID's ε ≤ 10⁻³ every solve runs to the iteration cap."""
+
+    def __init__(self, *args, paper_adjoint=False, paper_stop=False, **kw):
+        super().__init__(*args, **kw)
+        self.paper_adjoint, self.paper_stop = paper_adjoint, paper_stop
+
+    def solve_adjoint(self, x, theta, rhs, q0, delta, max_iter):
+        if self.paper_adjoint:
+            m = self.support(x)
+            rhs = rhs - m * (theta.T @ (theta @ ((1 - m) * rhs)))
+        return super().solve_adjoint(x, theta, rhs, q0, delta, max_iter)
+
+    def solve_lower(self, theta, x0, eps, max_iter):
+        if not self.paper_stop:
+            return super().solve_lower(theta, x0, eps, max_iter)
+        M, c, lam, _, _ = self.lower_operators(theta)
+        x, k, res, ok = x0, 0, math.inf, False
+        while k < max_iter and not ok:
+            x = prox_grad_step(x, M, c, lam)
+            k += 1
+            res = torch.linalg.vector_norm(theta @ x - self.y + self.alpha1 * torch.sign(x) + self.alpha2 * x).item()
+            ok = res <= eps
+        self.solves += 1
+        self.uncertified += int(not ok)
+        return LowerSolve(x, k, res, ok)
+
+
 # ------------------------------------------------------------------ the three methods
 def _progress(cfg, total, desc):
     bar = tqdm(total=total, desc=desc, disable=not cfg["progress"], mininterval=0.5, dynamic_ncols=True)
@@ -149,9 +194,11 @@ def _progress(cfg, total, desc):
 def run_methods(cfg: dict, make_problem, A, x0) -> dict:
     """``{name: dict(B, x, log, stop, solves, uncertified)}`` for ADP IFT, ADP LISTA and ADP-MAID,
     each from ``(B, x) = (A, x0)``.  With ``lista_paper_loss`` LISTA's logged ``upper_loss`` is
-    ``2g/upper_scale = ‖Ax − y‖²``, as the paper's code logs it (its training is unchanged)."""
+    ``2g`` (the paper's code logs ``‖Ax − y‖²`` for LISTA, ``½‖Ax − y‖²`` for the others; its
+    training is unchanged); ``paper_adjoint`` / ``maid_paper_stop`` switch on the defects of
+    :class:`PaperDefects` (``make_problem(**kw)`` passes them on)."""
     runs = {}
-    ift_problem = make_problem()
+    ift_problem = make_problem(paper_adjoint=cfg["paper_adjoint"])
     bar, cb = _progress(cfg, cfg["ift_steps"], "ADP IFT")
     res = maid.inexact_gradient_descent(ift_problem, A.clone(), x0, eps=cfg["ift_eps"], step=cfg["step"],
                                         max_iter=cfg["ift_steps"], lower_max_iter=cfg["ift_lower_max_iter"],
@@ -165,11 +212,11 @@ def run_methods(cfg: dict, make_problem, A, x0) -> dict:
                                 callback=cb)
     bar.close()
     if cfg["lista_paper_loss"]:
-        log = [dict(r, upper_loss=2 * r["upper_loss"] / cfg["upper_scale"]) for r in log]
+        log = [dict(r, upper_loss=2 * r["upper_loss"]) for r in log]
     runs["LISTA"] = dict(B=B, x=x, log=log, stop=stop, solves=0, uncertified=0)
 
     bar, cb = _progress(cfg, cfg["maid_iters"], "ADP-MAID")
-    maid_problem = make_problem()
+    maid_problem = make_problem(paper_adjoint=cfg["paper_adjoint"], paper_stop=cfg["maid_paper_stop"])
     res = maid.maid(maid_problem, A.clone(), x0, maid_config(cfg), callback=cb)
     bar.close()
     runs["MAID"] = dict(B=res.theta, x=res.x, log=res.log, stop=res.stop_reason,
@@ -209,7 +256,9 @@ def print_table(cfg, runs, target, f_init) -> None:
     print()
     print(f"upper loss g = {cfg['upper_scale']:g}·½‖Ax − y‖²; target = IFT's final g × {1 + cfg['target_rel']:g} = "
           f"{target:.6g}; at B = A: f = {f_init:.6g}"
-          + ("; LISTA's logged loss is ‖Ax − y‖² (lista_paper_loss)" if cfg["lista_paper_loss"] else ""))
+          + ("; LISTA's logged loss is doubled (lista_paper_loss)" if cfg["lista_paper_loss"] else "")
+          + ("; paper adjoint (I − DM)" if cfg["paper_adjoint"] else "")
+          + ("; MAID's lower test without Bᵀ" if cfg["maid_paper_stop"] else ""))
     print(header)
     print("-" * len(header))
     for name in NAMES:
@@ -289,7 +338,7 @@ def loss_figures(out_dir, cfg, runs, target):
             log = runs[k]["log"]
             label = f"{LABELS[k]} ({len(log)} upper it.)"
             if k == "LISTA" and cfg["lista_paper_loss"]:
-                label += r", logged as $\|Ax - y\|^2$ (paper)"
+                label += ", logged ×2 (paper)"
             ax.plot([rec[xkey] for rec in log], [rec["upper_loss"] for rec in log], color=COLORS[k], lw=1.3,
                     label=label)
         if math.isfinite(target):
@@ -327,9 +376,9 @@ def _run(cfg: dict, out_dir: str) -> dict:
     t_grid, x_true, A, y = make_data(cfg["n"], cfg["h"], cfg["noise"], cfg["seed"])
     x0 = torch.zeros(cfg["n"])
 
-    def make_problem():
-        return ElasticNetBilevel(A, y, cfg["alpha1"], cfg["alpha2"], cfg["lower_step"], x_true=x_true,
-                                 scale=cfg["upper_scale"])
+    def make_problem(**defects):
+        return PaperDefects(A, y, cfg["alpha1"], cfg["alpha2"], cfg["lower_step"], x_true=x_true,
+                            scale=cfg["upper_scale"], **defects)
 
     for k, v in cfg.items():
         if v != DEFAULTS[k]:

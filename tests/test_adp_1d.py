@@ -259,27 +259,64 @@ def test_driver_short_run_reports_consistent_targets(tmp_path, capsys):
 
 
 def test_lista_paper_loss_logs_the_unhalved_residual():
-    """lista_paper_loss: LISTA's logged loss is ‖A x − y‖² (the paper figure's scale), exactly
-    2g/upper_scale of the same training run with the plain log, and B is trained identically
-    (upper_scale = 0.5 so that a forgotten division by it would show)."""
+    """lista_paper_loss: LISTA's logged loss is doubled (the paper's code logs ‖A x − y‖² for LISTA
+    and ½‖A x − y‖² for the others), exactly 2× the plain log of the same training run, and B is
+    trained identically; at upper_scale = 1 the first logged value is ‖A x₁ − y‖²."""
     import ADP_1D
     t, x_true, A, y = make_data(30, 0.01, 0.005, seed=0)
     x0 = torch.zeros(30, dtype=DT)
     logs = {}
     for paper in (False, True):
-        cfg = dict(ADP_1D.DEFAULTS, n=30, ift_steps=1, lista_steps=5, maid_iters=1, progress=False, upper_scale=0.5,
+        cfg = dict(ADP_1D.DEFAULTS, n=30, ift_steps=1, lista_steps=5, maid_iters=1, progress=False,
                    lista_paper_loss=paper)
-        make = lambda: ElasticNetBilevel(A, y, cfg["alpha1"], cfg["alpha2"], cfg["lower_step"], x_true=x_true,  # noqa: E731
-                                         scale=cfg["upper_scale"])
+        make = lambda **kw: ADP_1D.PaperDefects(A, y, cfg["alpha1"], cfg["alpha2"], cfg["lower_step"],  # noqa: E731
+                                                x_true=x_true, **kw)
         logs[paper] = ADP_1D.run_methods(cfg, make, A, x0)["LISTA"]
     assert torch.equal(logs[False]["B"], logs[True]["B"])
     plain, paper = [r["upper_loss"] for r in logs[False]["log"]], [r["upper_loss"] for r in logs[True]["log"]]
-    assert paper == pytest.approx([2 * v / 0.5 for v in plain], rel=1e-15)
-    # the formula itself on the first step: B = A, x₁ = 50 layers from x0 = 0
+    assert paper == [2 * v for v in plain]
     from elastic_net import lista_step
-    P = ElasticNetBilevel(A, y, 0.108, 0.027, 0.1, x_true=x_true, scale=0.5)
-    _, x1, _ = lista_step(P, A, x0, 50, 0.1)
+    _, x1, _ = lista_step(ElasticNetBilevel(A, y, 0.108, 0.027, 0.1), A, x0, 50, 0.1)
     assert paper[0] == pytest.approx(torch.sum((A @ x1 - y) ** 2).item(), rel=1e-12)
+
+
+def test_paper_adjoint_is_the_untransposed_fixed_point_solve():
+    """PaperDefects(paper_adjoint=True) gives the hypergradient of the paper's formula built
+    densely: v = (I − DM)⁻¹∇ₓg with M = (1 − α₂)I − BᵀB and D the support projection, v zeroed
+    off the support, z = −[(Bx − y)vᵀ + (Bv)xᵀ] (rel. 1e-8: CG to δ = 1e-13 against a dense solve);
+    the correct (transposed) one differs from it by ~30 % at B = A on the SPEC data (SPEC §5)."""
+    import ADP_1D
+    t, x_true, A, y = make_data(200, 0.01, 0.005, seed=0)
+    good = ADP_1D.PaperDefects(A, y, 0.108, 0.027, 0.1)
+    bad = ADP_1D.PaperDefects(A, y, 0.108, 0.027, 0.1, paper_adjoint=True)
+    x = good.accurate_upper(A, eps=1e-12)[1].x
+    z_bad = maid.hypergradient(bad, x, A, None, 1e-13, 5000)[0]
+    z_good = maid.hypergradient(good, x, A, None, 1e-13, 5000)[0]
+    D = torch.diag((x != 0).to(DT))
+    M = (1 - 0.027) * torch.eye(200, dtype=DT) - A.T @ A
+    v = torch.linalg.solve(torch.eye(200, dtype=DT) - D @ M, good.upper_grad_x(x, A))
+    v = D @ v
+    z_ref = -(torch.outer(A @ x - y, v) + torch.outer(A @ v, x))
+    torch.testing.assert_close(z_bad, z_ref, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(z_good, good.hypergradient_direct(x, A), rtol=1e-8, atol=1e-12)
+    rel = (torch.linalg.matrix_norm(z_bad - z_good) / torch.linalg.matrix_norm(z_good)).item()
+    assert 0.2 < rel < 0.4
+
+
+def test_paper_stop_is_the_test_without_Bt():
+    """PaperDefects(paper_stop=True): the solve stops at the first iterate with
+    ‖Bx − y + α₁sign(x) + α₂x‖ ≤ ε, reports that residual; at MAID's ε = 1e-3 the residual
+    cannot fall that low (‖Bx̂ − y‖ ≈ noise·√n) and every solve hits the cap."""
+    import ADP_1D
+    Q, A, B = small_problem()
+    P = ADP_1D.PaperDefects(A, Q.y, Q.alpha1, Q.alpha2, Q.step, paper_stop=True)
+    x0 = torch.zeros(B.shape[1], dtype=DT)
+    capped = P.solve_lower(B, x0, 1e-3, 300)
+    assert capped.iters == 300 and not capped.converged and P.uncertified == 1
+    res = lambda x: torch.linalg.vector_norm(B @ x - P.y + P.alpha1 * torch.sign(x) + P.alpha2 * x).item()  # noqa: E731
+    assert capped.grad_norm == pytest.approx(res(capped.x), rel=1e-12) and capped.grad_norm > 1e-3
+    loose = P.solve_lower(B, x0, 1.5 * capped.grad_norm, 300)
+    assert loose.converged and loose.iters < 300 and loose.grad_norm <= 1.5 * capped.grad_norm
 
 
 def test_solver_reports_non_finite_when_the_bound_overflows():

@@ -193,7 +193,7 @@ def test_non_finite_baseline_is_an_error_and_leaves_no_folder(tmp_path, monkeypa
     NumericalError before any folder exists."""
     from maid import LowerSolve
 
-    def nan_solve(problem, cfg, b0, y):
+    def nan_solve(problem, cfg, b0, y, step=None):
         return LowerSolve(torch.full_like(y, math.nan), 3, math.nan, False)
 
     monkeypatch.setattr(ADP, "solve_baseline", nan_solve)
