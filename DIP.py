@@ -111,9 +111,12 @@ GENERATORS = ("convdecoder", "unet")
 DTYPE = torch.float32
 
 
-def effective_config(cfg: dict) -> dict:
-    """``cfg`` with the ``quick`` sizes applied (what the run actually uses)."""
-    return dict(cfg, **_QUICK) if cfg["quick"] else dict(cfg)
+def effective_config(cfg: dict, given: dict | None = None) -> dict:
+    """``cfg`` with the ``quick`` sizes applied to the settings not ``given`` explicitly (what the
+    run actually uses)."""
+    if not cfg["quick"]:
+        return dict(cfg)
+    return dict(cfg, **{k: v for k, v in _QUICK.items() if k not in (given or {})})
 
 
 def validate(cfg: dict) -> None:
@@ -381,7 +384,7 @@ def run(cfg: dict | None = None, **overrides) -> dict:
     t_start = time.perf_counter()
     given = {**(cfg or {}), **overrides}
     cfg, ckpt = resolve_config(given)
-    run_cfg = effective_config(cfg)
+    run_cfg = effective_config(cfg, given)
     validate(run_cfg)
     dev = resolve_device(run_cfg["device"], "float32")
     try:
@@ -440,7 +443,8 @@ def _outputs(cfg, run_cfg, run_dir, st: DIPState, x_true, y, b0, reason, t_start
     figures.save_torch(os.path.join(run_dir, "reconstructions.pt"),
                        {"x_es": x_es.cpu(), "x_best": x_best.cpu(), "x_last": x_last.cpu(), "x_emv": x_emv.cpu(),
                         "kernel": b.cpu(), "b0": b0.cpu()})
-    figures.save_torch(os.path.join(run_dir, "checkpoint.pt"), st.payload(cfg))
+    # the checkpoint keeps the sizes actually used (quick already applied), so a resume reproduces them
+    figures.save_torch(os.path.join(run_dir, "checkpoint.pt"), st.payload(dict(run_cfg, quick=False)))
     panels = [("ground truth", x_true, None), ("blurry", y, sc["blurry"]),
               (f"DIP, ES-WMV stop (it. {k_es})", x_es, sc["es"]),
               (f"DIP, oracle stop (it. {summary['best_iter']})", x_best, sc["best"])]
