@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 
-from lower_level import LowerLevel, solve_lower
+from lower_level import CERTIFICATES, LowerLevel, solve_lower
 from maid import BilevelProblem, ErrorConstants
 from operators import Blur, conv_operator_norm, h1_norm, h1_norm_grad, h1_penalty, h1_penalty_grad, kernel_correlation
 from regularisers import Regulariser
@@ -61,11 +61,12 @@ class ADPBetaProblem(BilevelProblem):
     ``regulariser`` is the lower level's ``R`` (weight included), ``beta`` the H¹ weight of the
     upper level, ``kernel_penalty`` its form (``'h1_squared'`` or ``'h1'``, module docstring),
     ``mu0`` the Tikhonov term, ``solver`` the lower-level solver (``'fista'`` or
-    ``'agd'``), ``metrics_fn(x) -> dict`` extra log columns.
+    ``'agd'``) and ``certificate`` its stopping certificate (:func:`lower_level.solve_lower`:
+    ``'auto'``, ``'gradient'`` or ``'energy'``), ``metrics_fn(x) -> dict`` extra log columns.
     """
 
     def __init__(self, y, b0, regulariser, beta, mu0=0.0, upper_operator="learned", known_kernel=None,
-                 solver="fista", metrics_fn=None, kernel_penalty="h1_squared"):
+                 solver="fista", metrics_fn=None, kernel_penalty="h1_squared", certificate="auto"):
         if upper_operator not in UPPER_OPERATORS:
             raise ValueError(f"unknown upper_operator {upper_operator!r}; use 'learned' or 'known'")
         if not isinstance(kernel_penalty, str) or kernel_penalty not in KERNEL_PENALTIES:
@@ -83,6 +84,9 @@ class ADPBetaProblem(BilevelProblem):
         self.n = y.numel()
         self.k = b0.shape[-1]
         self.solver = solver
+        if certificate not in CERTIFICATES:
+            raise ValueError(f"unknown certificate {certificate!r}; use one of {', '.join(CERTIFICATES)}")
+        self.certificate = certificate
         self.metrics_fn = metrics_fn
         self._cache = (None, None)
 
@@ -94,7 +98,7 @@ class ADPBetaProblem(BilevelProblem):
         return self._cache[1]
 
     def solve_lower(self, b, x0, eps, max_iter):
-        return solve_lower(self.lower(b), x0, eps, max_iter, self.solver)
+        return solve_lower(self.lower(b), x0, eps, max_iter, self.solver, self.certificate)
 
     def hessian_vp(self, x, b, v):
         return self.lower(b).hvp(x, v)

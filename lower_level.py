@@ -50,7 +50,7 @@ from operators import Blur, _records_graph
 from regularisers import Regulariser, tv_grad, tv_hvp, tv_value
 
 __all__ = ["tv_value", "tv_grad", "tv_hvp", "LowerLevel", "LowerSolve", "fista", "accelerated_gradient",
-           "solve_lower", "solve_lower_fixed", "hessian_norm_estimate", "SOLVERS"]
+           "solve_lower", "solve_lower_fixed", "hessian_norm_estimate", "SOLVERS", "CERTIFICATES"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,9 +85,16 @@ class LowerLevel:
         self.mu0 = float(mu0)
         self._params = tuple(regulariser.parameters().values())
         self.Bty = self.blur.A_adjoint(y)
-        self.mu = self.mu0 + self.blur.min_singular_sq() + regulariser.hessian_lower_bound()
+        lam_R = regulariser.hessian_lower_bound()
+        self.mu = self.mu0 + self.blur.min_singular_sq() + lam_R
         nb = self.blur.norm()          # nb * nb (not nb ** 2): a huge kernel gives L = inf, not OverflowError
         self.L = nb * nb + regulariser.lipschitz() + self.mu0
+        # Q = B_bᵀB_b + (μ₀ + λ_R)I ⪯ ∇²h(x) for every x: its spectrum and largest eigenvalue
+        # (energy certificate, :meth:`energy_bound`)
+        self._Q_spectrum = self.blur.power + (self.mu0 + lam_R)
+        self.Q_max = nb * nb + self.mu0 + lam_R
+        self._twin = None
+        self.certificate_evaluations = 0
         # quadratic part in Fourier space: multiplier |b̂|² + μ₀ (stored complex: a complex-by-
         # complex product is faster than mixed real/complex) and the spectrum of B_bᵀy
         self._quad_mult = (self.blur.power + self.mu0).to(self.blur.bhat.dtype)
@@ -117,6 +124,59 @@ class LowerLevel:
             return self.quadratic_grad(x) + self.regulariser.grad(x)
         return self.regulariser.add_grad_(self.quadratic_grad(x), x)
 
+    def grad_from_anchor(self, d: torch.Tensor, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``∇ₓh(x) = c + (B_bᵀB_b + μ₀)d + ∇R(x)`` for ``x = a + d``, given ``c = B_bᵀ(B_b a − y) + μ₀a``
+        at an anchor ``a`` (computed accurately elsewhere) and the displacement ``d`` (no autograd).
+
+        The same value as :meth:`grad`, with a different rounding: in :meth:`grad` the quadratic
+        part ``Qx − B_bᵀy`` is a difference of terms of size ``‖Qx‖`` (≈ ‖x‖) whose result is small
+        near the solution, so its float32 rounding error is ~``1e-7‖x‖`` (3e-5 on the default
+        3×256×256 image, above the tolerance ``μ ε`` = 1e-5 at ε = 1e-3); here the FFT acts on the
+        small ``d`` and the error is ~``1e-7(‖d‖ + ‖c‖)``.  ``x`` is where ``∇R`` is evaluated (the
+        stored point ``a + d`` rounded to the dtype)."""
+        out = torch.fft.irfft2(self._quad_mult * torch.fft.rfft2(d), s=self.blur.shape).add_(c)
+        return self.regulariser.add_grad_(out, x)
+
+    def energy_bound(self, g: torch.Tensor) -> float:
+        """``sqrt(gᵀQ⁻¹g / μ)`` with ``g = ∇ₓh(x)`` and ``Q = B_bᵀB_b + (μ₀ + λ_R)I``: a bound on
+        ``‖x − x̂‖`` never larger than ``‖g‖/μ`` and often much smaller (the certificate
+        ``'energy'`` of :func:`solve_lower`).
+
+        Proof.  ``g = ∇h(x) − ∇h(x̂) = H̄(x − x̂)`` with ``H̄ = ∫₀¹ ∇²h(x̂ + t(x − x̂)) dt``, and
+        ``∇²h(z) = B_bᵀB_b + μ₀I + ∇²R(z) ⪰ Q`` because ``∇²R ⪰ λ_R I`` (:meth:`Regulariser.
+        hessian_lower_bound`).  So ``H̄ ⪰ Q ≻ 0`` (``λ_min(Q) = μ``), hence ``H̄⁻¹ ⪯ Q⁻¹`` and
+
+            μ‖x − x̂‖² ≤ (x − x̂)ᵀH̄(x − x̂) = gᵀH̄⁻¹g ≤ gᵀQ⁻¹g.
+
+        (``gᵀQ⁻¹g ≤ ‖g‖²/μ`` gives back the gradient test.)  ``Q`` is diagonal in Fourier space
+        (circular ``B_b``): ``gᵀQ⁻¹g = (1/HW) Σ_ω |ĝ(ω)|²/(|b̂(ω)|² + μ₀ + λ_R)`` (Parseval; the
+        real FFT stores the columns ``1 … ⌈W/2⌉−1`` once for two conjugate frequencies, so they
+        count twice).  The gain over ``‖g‖/μ`` is large when ``g`` lives where ``|b̂|²`` is large,
+        as rounding noise does.  Evaluate in float64 for a certificate (the rounding of the
+        evaluation, ~1e-16 relative to ``‖Qx‖``, is then far below any ``μ ε`` in use)."""
+        if not self.mu > 0:
+            return math.inf
+        G = torch.fft.rfft2(g)
+        H, W = self.blur.shape
+        weight = torch.full((G.shape[-1],), 2.0, dtype=self._Q_spectrum.dtype, device=G.device)
+        weight[0] = 1.0
+        if W % 2 == 0:
+            weight[-1] = 1.0
+        quad = ((G.real.square() + G.imag.square()) / self._Q_spectrum * weight).sum().item() / (H * W)
+        return math.sqrt(max(quad, 0.0) / self.mu)
+
+    def float64_twin(self) -> "LowerLevel":
+        """The same ``h`` with ``b``, ``y`` and ``R``'s parameters cast exactly to float64 (on the CPU
+        when the data live on MPS, which has no float64); ``self`` if already float64.  Built once.
+        Used to certify iterates of a float32 solve (:func:`solve_lower`)."""
+        if self.y.dtype == torch.float64:
+            return self
+        if self._twin is None:
+            dev = torch.device("cpu") if self.y.device.type == "mps" else self.y.device
+            f64 = dict(dtype=torch.float64, device=dev)
+            self._twin = LowerLevel(self.blur.b.to(**f64), self.y.to(**f64), self.regulariser.to(**f64), self.mu0)
+        return self._twin
+
     def hvp(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``∇²ₓₓh(x) v = B_bᵀB_b v + ∇²R(x) v + μ₀v``."""
         if self._plain(x, v):
@@ -138,11 +198,12 @@ class LowerLevel:
 # solvers
 # --------------------------------------------------------------------------------------------
 def _accelerated(grad: Callable, x0: torch.Tensor, step: float, tol: float, max_iter: int,
-                 momentum: Callable[[int], float]) -> LowerSolve:
+                 momentum: Callable[[int], float], certificate: "_Certificate | None" = None) -> LowerSolve:
     """Shared loop: ``x⁺ = y − step·∇h(y)``, ``y⁺ = x⁺ + β_k (x⁺ − x)``.
 
     The stopping test is evaluated on the extrapolated point ``y`` whose gradient the step
     needs anyway, and ``y`` is returned when it passes, so each iteration costs one gradient.
+    The test is ``‖∇h(y)‖ ≤ tol``, or, with a ``certificate``, its bound when it is due.
     """
     x_prev = x0
     y = x0
@@ -151,13 +212,128 @@ def _accelerated(grad: Callable, x0: torch.Tensor, step: float, tol: float, max_
         gn = torch.linalg.vector_norm(g).item()
         if not math.isfinite(gn):
             return LowerSolve(y, k, gn, False)
-        if gn <= tol:
+        if certificate is None:
+            if gn <= tol:
+                return LowerSolve(y, k, gn, True)
+        elif certificate.due(gn) and certificate.bound(g, gn) <= certificate.eps:
             return LowerSolve(y, k, gn, True)
         if k == max_iter:
             return LowerSolve(y, k, gn, False)
         x = torch.add(y, g, alpha=-step)                    # x⁺ = y − step·∇h(y)
         y = torch.lerp(x_prev, x, 1.0 + momentum(k))       # y⁺ = x⁺ + β(x⁺ − x), one pass
         x_prev = x
+    raise AssertionError("unreachable")
+
+
+class _Certificate:
+    """A bound on ``‖x − x̂‖`` from ``g = ∇h(x)`` and when to evaluate it (:func:`solve_lower`).
+
+    ``h`` is the lower level the bound is evaluated on (float64: for a float32 solve its
+    :meth:`LowerLevel.float64_twin`).  ``kind``: ``'gradient'`` ``‖g‖/μ``; ``'energy'``
+    ``min(‖g‖/μ, sqrt(gᵀQ⁻¹g/μ))`` (:meth:`LowerLevel.energy_bound`, one extra FFT, computed only
+    when ``‖g‖/μ > ε``; the minimum only guards rounding, the energy bound is never larger).
+
+    Schedule (cost only, never validity): ``bound/‖g‖`` lies in ``[1/sqrt(μ Q_max), 1/μ]``; the
+    check is due when ``‖g‖ ≤ μ ε`` (the gradient test would pass), or when ``‖g‖·ratio ≤ ε`` with
+    ``ratio`` the last measured ``bound/‖g‖`` (at first the lower end, so no passing point is
+    skipped before the first check) and ``‖g‖`` has fallen below 0.9× its value at the last
+    failed check.  So in float64 ``'energy'`` stops no later than ``'gradient'`` on the same
+    iterates.  ``evaluations`` counts the checks.
+    """
+
+    def __init__(self, h: LowerLevel, eps: float, kind: str):
+        self.h, self.eps, self.kind = h, eps, kind
+        self.ratio = 1.0 / h.mu if kind == "gradient" else 1.0 / math.sqrt(h.mu * h.Q_max)
+        self.last = math.inf
+        self.evaluations = 0
+
+    def due(self, gn: float) -> bool:
+        return gn <= self.h.mu * self.eps or (gn * self.ratio <= self.eps and gn < 0.9 * self.last)
+
+    def bound(self, g: torch.Tensor, gn_estimate: float) -> float:
+        """The bound for ``g`` (accurate: float64); ``gn_estimate`` is the loop's ``‖g‖`` that
+        :meth:`due` saw (for the next schedule)."""
+        self.evaluations += 1
+        bound = torch.linalg.vector_norm(g).item() / self.h.mu
+        if self.kind == "energy" and bound > self.eps:
+            bound = min(bound, self.h.energy_bound(g))
+        if gn_estimate > 0:
+            self.ratio = bound / gn_estimate
+        self.last = gn_estimate
+        return bound
+
+
+def _stall_window(h: LowerLevel) -> int:
+    """Iterations without halving the best ``‖∇h‖`` after which a low-precision solve is declared
+    stalled: ``20√(L/μ)`` (in exact arithmetic the accelerated scheme contracts ``h − h*`` by
+    ``(1 − √(μ/L))`` per iteration, a factor ``e⁻²⁰`` over the window)."""
+    return math.ceil(20 * math.sqrt(h.L / h.mu)) if h.mu > 0 else math.inf
+
+
+def _accelerated_refined(h: LowerLevel, x0: torch.Tensor, max_iter: int, momentum: Callable[[int], float],
+                         certificate: _Certificate) -> LowerSolve:
+    """The accelerated scheme of :func:`_accelerated` in a low precision (float32), with the
+    iterate held as ``anchor + d`` and certified in float64.
+
+    * **Gradient.** ``∇h(anchor + d) = c + (B_bᵀB_b + μ₀)d + ∇R(x)`` (:meth:`LowerLevel.grad_from_anchor`),
+      ``c`` the quadratic part at the anchor computed in float64, ``x = fl(anchor + d)``: its
+      rounding error is ~1e-7 of ``‖d‖ + ‖c‖``, not of ``‖x‖``.
+    * **Iterate.** The updates act on ``d`` (``d⁺ = d_y − ∇h/L``, momentum on ``d``), which is small,
+      so steps far below the float32 spacing of ``x`` (≈ 3e-8 at 0.5) still accumulate; a plain
+      float32 iteration stalls once ``‖∇h‖/L`` per entry is below that spacing.
+    * **Certificate** (when :class:`_Certificate` says it is due, at the cap, or on a stall): the
+      stored point ``x̃ = fl(anchor + d)`` is cast to float64 (exactly) and ``g = ∇h(x̃)`` is
+      evaluated there; the bound then holds for ``x̃`` as stored.  If it fails, the iteration is
+      refined: the anchor moves to ``x̃`` (its float64 quadratic part just computed), ``d`` to 0,
+      and the step uses the float64 ``g``.
+    * **Stall.** When ``‖∇h‖`` has not halved for :func:`_stall_window` iterations, the point is
+      checked and the iteration refined as above; if ``‖∇h‖`` does not halve in the next window
+      either, the solve ends there, certified or not (``converged=False`` then, with the float64
+      ``‖∇h‖``): below some ε no float32 point can be certified (the float32 grid nearest to
+      ``x̂`` is ``~6e-8‖x̂‖`` away), and running to the cap would not change that.
+    """
+    h64 = certificate.h
+    step = 1.0 / h.L
+    dtype, dev = x0.dtype, x0.device
+
+    def up(t):
+        return t.to(dtype=torch.float64, device=h64.y.device)
+
+    def quadratic_and_grad(x):
+        q64 = h64.quadratic_grad(up(x))
+        return q64, h64.regulariser.add_grad_(q64.clone(), up(x))
+
+    anchor = x0
+    c = h64.quadratic_grad(up(x0)).to(dtype=dtype, device=dev)
+    d_prev = torch.zeros_like(x0)
+    d = d_prev
+    window = _stall_window(h)
+    best, k_best, k_refined = math.inf, 0, -1
+    for k in range(max_iter + 1):
+        x = anchor + d
+        g = h.grad_from_anchor(d, x, c)
+        gn = torch.linalg.vector_norm(g).item()
+        if not math.isfinite(gn):
+            return LowerSolve(x, k, gn, False)
+        if gn < 0.5 * best:
+            best, k_best = gn, k
+        stalled = k - k_best >= window
+        if certificate.due(gn) or stalled or k == max_iter:
+            q64, g64 = quadratic_and_grad(x)
+            gn64 = torch.linalg.vector_norm(g64).item()
+            if certificate.bound(g64, gn) <= certificate.eps:
+                return LowerSolve(x, k, gn64, True)
+            if (stalled and k_best <= k_refined) or k == max_iter or not math.isfinite(gn64):
+                return LowerSolve(x, k, gn64, False)
+            d_prev = d_prev - d                     # the previous iterate relative to the new anchor
+            anchor, c, d = x, q64.to(dtype=dtype, device=dev), torch.zeros_like(d)
+            g = g64.to(dtype=dtype, device=dev)
+            k_refined = k
+            if stalled:                             # a fresh window to show that refining helped
+                best, k_best = gn64, k
+        d_next = torch.add(d, g, alpha=-step)
+        d = torch.lerp(d_prev, d_next, 1.0 + momentum(k))
+        d_prev = d_next
     raise AssertionError("unreachable")
 
 
@@ -203,13 +379,50 @@ def _check_solver(solver: str) -> None:
         raise ValueError(f"unknown lower-level solver {solver!r}; use one of {', '.join(SOLVERS)}")
 
 
-def solve_lower(h: LowerLevel, x0: torch.Tensor, eps: float, max_iter: int, solver: str = "fista") -> LowerSolve:
-    """Solve ``min h`` to accuracy ``‖x̃ − x̂‖ ≤ ε`` via the test ``‖∇ₓh(x̃)‖ ≤ μ ε``, warm-started at ``x0``."""
+CERTIFICATES = ("auto", "gradient", "energy")
+
+
+def _is_low_precision(dtype: torch.dtype) -> bool:
+    return torch.finfo(dtype).eps > torch.finfo(torch.float64).eps
+
+
+def solve_lower(h: LowerLevel, x0: torch.Tensor, eps: float, max_iter: int, solver: str = "fista",
+                certificate: str = "auto") -> LowerSolve:
+    """Solve ``min h`` to a certified accuracy ``‖x̃ − x̂‖ ≤ ε``, warm-started at ``x0``.
+
+    ``certificate``: ``'gradient'`` stops on ``‖∇ₓh(x̃)‖ ≤ μ ε`` (SPEC §2); ``'energy'`` on
+    ``sqrt(∇hᵀQ⁻¹∇h/μ) ≤ ε`` (:meth:`LowerLevel.energy_bound`; never looser than the gradient
+    test, often 2× tighter); ``'auto'`` (default) is ``'gradient'`` in float64 and ``'energy'`` in
+    lower precision.
+
+    **float64** iterates run :func:`fista`/:func:`accelerated_gradient` unchanged.  **float32**
+    (any dtype less precise than float64) runs :func:`_accelerated_refined`: float32 iterations
+    on a displacement from a float64-computed anchor, certified by evaluating ``∇h`` of the
+    stored float32 iterate in float64.  Why: in plain float32 the computed ``‖∇h‖`` has a rounding
+    floor of ~1e-7‖x‖ (3e-5 on the default image), so ``‖∇h‖ ≤ μ ε`` = 1e-5 at ε = 1e-3 is never
+    met and solves ran to the cap uncertified; and even the exact gradient of the best float32
+    points is ≈ 1.1e-5 there, so only the energy bound (≈ 5e-4 at those points) certifies
+    ε = 1e-3.  ``LowerSolve.grad_norm`` is then the float64 ``‖∇h(x̃)‖``;
+    ``h.certificate_evaluations`` counts the float64 checks (not counted as iterations).
+    """
     _check_solver(solver)
+    if certificate not in CERTIFICATES:
+        raise ValueError(f"unknown certificate {certificate!r}; use one of {', '.join(CERTIFICATES)}")
     if not (math.isfinite(h.L) and math.isfinite(h.mu)):      # kernel too large for the dtype
         return LowerSolve(torch.full_like(x0, math.nan), 0, math.inf, False)
+    low = _is_low_precision(x0.dtype)
+    kind = ("energy" if low else "gradient") if certificate == "auto" else certificate
     with torch.no_grad():
-        return SOLVERS[solver](h.grad, x0, h.L, h.mu, h.mu * eps, max_iter)
+        if not low and kind == "gradient":
+            return SOLVERS[solver](h.grad, x0, h.L, h.mu, h.mu * eps, max_iter)
+        momentum = _MOMENTA[solver](h.L, h.mu)
+        cert = _Certificate(h.float64_twin() if low else h, eps, kind)
+        try:
+            if low:
+                return _accelerated_refined(h, x0, max_iter, momentum, cert)
+            return _accelerated(h.grad, x0, 1.0 / h.L, math.nan, max_iter, momentum, cert)
+        finally:
+            h.certificate_evaluations += cert.evaluations
 
 
 def solve_lower_fixed(h: LowerLevel, x0: torch.Tensor, iters: int, step: float, solver: str = "fista") -> LowerSolve:

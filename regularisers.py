@@ -11,6 +11,8 @@ A regulariser is an object; its weight is part of it (``SmoothedTV(weight=α, sm
 * ``hessian_lipschitz()``: a Lipschitz constant of ``x ↦ ∇²R(x)`` (``math.inf`` if unknown) — the
   ``L_H`` of MAID's error bound (:meth:`adp_problem.ADPBetaProblem.error_constants`);
 * ``parameters()``: the learnable tensors by name (may be empty);
+* ``to(dtype, device)``: a copy whose parameters are in ``dtype`` on ``device`` (used by the
+  lower level's mixed-precision certificate, which evaluates ``∇R`` in float64);
 
 and, used by the lower level's inner loops (defaults built on the four above):
 
@@ -40,6 +42,7 @@ and ``|φ'''| = 3ε|t|/φ⁵ ≤ (3/2)(4/5)^{5/2} ε^{-1}`` (maximum at ``t² = 
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -97,6 +100,18 @@ class Regulariser:
     def parameters(self) -> dict[str, torch.Tensor]:
         """Learnable tensors by name (empty by default)."""
         return {}
+
+    def to(self, dtype=None, device=None) -> "Regulariser":
+        """A shallow copy whose :meth:`parameters` are detached copies in ``dtype`` on ``device``
+        (``self`` when there are none).  The names of :meth:`parameters` must be the attributes
+        that hold the tensors, as in every class here; override otherwise."""
+        params = self.parameters()
+        if not params:
+            return self
+        new = copy.copy(self)
+        for name, t in params.items():
+            setattr(new, name, t.detach().to(dtype=dtype, device=device))
+        return new
 
     # -- in-place forms for the lower level's inner loops ------------------------------------
     def add_grad_(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
