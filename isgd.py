@@ -25,8 +25,10 @@ Like :mod:`maid`, this module knows nothing about images.  A problem provides
 Accuracy over a batch: ISGD asks ``subset(idx).solve_lower`` for the Euclidean accuracy
 ``ε_k √|S_k|`` over the stacked batch; a problem that certifies it per sample (as
 :class:`dataset_problem.DatasetProblem` does, each sample to ``ε/√|S|``) then meets ε_k for every
-sample.  ``δ_k`` is passed to the problem's ``solve_adjoint`` unchanged (its meaning is the
-problem's: a relative residual per sample for ``DatasetProblem``).  The hypergradient is
+sample.  ``δ_k`` is the adjoint residual of each sample's own system (right side ``∇ₓg_i``): the
+mean over |S_k| samples scales the stacked adjoint system by 1/|S_k|, so ISGD asks for the
+stacked residual ``δ_k/√|S_k|``, which a per-sample certificate (each sample ``≤ δ_k/|S_k|`` on
+the stacked system) meets.  The hypergradient is
 :func:`maid.hypergradient` on the subset problem, so ISGD and MAID share every derivative.
 
 Cost axis: total computations = lower-level iterations + CG iterations, summed over the samples
@@ -120,14 +122,14 @@ class ISGDResult:
     state: ISGDState
 
 
-def _next_batch(s: ISGDState, n: int, size: int, gen: torch.Generator) -> list[int]:
-    """The next ``size`` sample indices of this epoch's permutation (a new epoch reshuffles; the
-    last batch of an epoch may be smaller)."""
-    if not s.order:
-        s.order = torch.randperm(n, generator=gen).tolist()
-        s.epoch += 1
-    idx, s.order = s.order[:size], s.order[size:]
-    return idx
+def _next_batch(s: ISGDState, n: int, size: int, gen: torch.Generator) -> tuple[list[int], list[int], int]:
+    """``(batch, rest of the epoch, epoch)``: the next ``size`` indices of this epoch's permutation
+    (a new epoch reshuffles; the last batch of an epoch may be smaller).  ``s`` is not changed, so
+    a step interrupted before its end leaves the state as it was."""
+    order, epoch = s.order, s.epoch
+    if not order:
+        order, epoch = torch.randperm(n, generator=gen).tolist(), epoch + 1
+    return order[:size], order[size:], epoch
 
 
 def isgd(problem, theta0: torch.Tensor | None = None, x0: torch.Tensor | None = None,
@@ -145,8 +147,6 @@ def isgd(problem, theta0: torch.Tensor | None = None, x0: torch.Tensor | None = 
         state = ISGDState(theta=theta0.clone(), x=x0.clone(), q=torch.zeros_like(x0))
     s = state
     gen = torch.Generator().manual_seed(cfg.seed)
-    if s.rng_state is not None:
-        gen.set_state(s.rng_state)
     step_at, eps_at = power_schedule(cfg.step0, cfg.q), power_schedule(cfg.eps0, cfg.p)
     delta_ratio = 1.0 if cfg.delta0 is None else cfg.delta0 / cfg.eps0
     project = getattr(problem, "project", None)
@@ -156,8 +156,9 @@ def isgd(problem, theta0: torch.Tensor | None = None, x0: torch.Tensor | None = 
             stop = "budget"
             break
         t0 = time.perf_counter()
-        idx = _next_batch(s, problem.n_samples, cfg.batch_size, gen)
-        s.rng_state = gen.get_state()
+        if s.rng_state is not None:
+            gen.set_state(s.rng_state)
+        idx, rest, epoch = _next_batch(s, problem.n_samples, cfg.batch_size, gen)
         sub = problem.subset(idx)
         eps, step = eps_at(s.k), step_at(s.k)
         root = math.sqrt(len(idx))
@@ -167,16 +168,18 @@ def isgd(problem, theta0: torch.Tensor | None = None, x0: torch.Tensor | None = 
         if low.status == "non_finite":
             stop = "non_finite"
             break
-        z, q, cg_it, cg_ok = hypergradient(sub, low.x, s.theta, s.q[idx], delta_ratio * eps, cfg.cg_max_iter)
+        z, q, cg_it, cg_ok = hypergradient(sub, low.x, s.theta, s.q[idx], delta_ratio * eps / root, cfg.cg_max_iter)
         s.cg_iters += cg_it
         s.cg_cap_hits += int(not cg_ok)
         loss = sub.upper_loss(low.x, s.theta).item()
         if not (math.isfinite(loss) and bool(torch.isfinite(z).all())):
             stop = "non_finite"
             break
-        s.x[idx], s.q[idx] = low.x, q
         theta = s.theta - step * z
+        # commit the step (an interrupt before this point leaves the state as it was)
+        s.x[idx], s.q[idx] = low.x, q
         s.theta = project(theta) if project is not None else theta
+        s.order, s.epoch, s.rng_state = rest, epoch, gen.get_state()
         s.k += 1
         s.elapsed += time.perf_counter() - t0
         record = dict(iter=s.k, epoch=s.epoch, batch_loss=loss, step=step, eps=eps, grad_norm=torch.linalg.vector_norm(z).item(),

@@ -128,3 +128,46 @@ def test_batched_cg_solves_each_block_to_its_residual():
     torch.testing.assert_close(q, torch.linalg.solve(M, rhs), rtol=1e-8, atol=1e-10)
     q2, it2, _ = batched_cg(apply, rhs, q, 1e-10, 100)     # warm start at the solution: no iterations
     assert it2 == 0
+
+
+_DP_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+torch.set_default_dtype(torch.float64); torch.set_num_threads(1)
+import torch.distributed as dist
+from test_dataset_problem import _problem
+from dataset_problem import DataParallelProblem
+from isgd import ISGDConfig, isgd
+rank, world = int(sys.argv[1]), int(sys.argv[2])
+if world > 1:
+    dist.init_process_group("gloo", init_method="file://{store}", rank=rank, world_size=world)
+P, y = _problem("foe", n=6, size=10)
+P = DataParallelProblem(P) if world > 1 else P
+res = isgd(P, P.param.initial() if world == 1 else P.p.param.initial(), y.clone(),
+           ISGDConfig(step0=50.0, eps0=1e-3, delta0=1e-7, batch_size=5, max_steps=3))
+if rank == 0:
+    torch.save({{"theta": res.theta, "lower": res.state.lower_iters, "cg": res.state.cg_iters}}, {out!r})
+"""
+
+
+@pytest.mark.slow
+def test_data_parallel_over_two_gloo_processes_matches_one_process(tmp_path):
+    """Two CPU processes (gloo), batch 5 split 3 + 2: same θ after 3 ISGD steps as one process
+    (up to the order of the final sum in the mixed product: rtol 1e-10) and the same summed
+    lower-level and CG iteration counts (the per-sample stopping tests are unchanged)."""
+    import os
+    import subprocess
+    import sys
+    tests = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(tests)
+
+    def launch(world, out):
+        code = _DP_SCRIPT.format(root=root, tests=tests, store=str(tmp_path / f"store{world}"), out=str(out))
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(r), str(world)]) for r in range(world)]
+        assert all(p.wait(timeout=300) == 0 for p in procs)
+        return torch.load(out)
+
+    one = launch(1, tmp_path / "one.pt")
+    two = launch(2, tmp_path / "two.pt")
+    torch.testing.assert_close(two["theta"], one["theta"], rtol=1e-10, atol=1e-14)
+    assert (two["lower"], two["cg"]) == (one["lower"], one["cg"]) and one["cg"] > 0
