@@ -13,7 +13,8 @@ import DIP
 from config import ConfigError
 from operators import Blur, kernel_correlation, make_kernel
 
-TINY = dict(size_x=32, size_y=32, width=16, depth=4, iterations=120, es_window=10, es_patience=30, progress=False)
+TINY = dict(size_x=32, size_y=32, width=16, depth=4, iterations=120, es_window=10, es_patience=30, progress=False,
+            threads=1)
 
 
 def test_blur_agrees_with_deepinv_blurfft_on_a_non_symmetric_kernel():
@@ -95,10 +96,12 @@ def test_tiny_dip_beats_the_blurry_input_and_resume_after_ctrl_c_reproduces_the_
     iteration 50 stops there with a checkpoint, and resuming it to 120 reproduces the
     uninterrupted run: same PSNR at every iteration and same last iterate (to 1e-6: identical
     float32 operations on the CPU; a lost Adam state, RNG or detector window would differ)."""
+    threads_before = torch.get_num_threads()
     full = DIP.run(TINY, results_dir=str(tmp_path / "a"), input_noise=0.01)
     assert full["psnr_best"] >= full["psnr_blurry"] + 1.0
     assert full["psnr_es"] >= full["psnr_blurry"] + 0.5
     assert full["iterations_done"] == 120 and not full["interrupted"]
+    assert torch.get_num_threads() == threads_before          # run() restores the caller's thread count
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == (f"dip psnr_es={full['psnr_es']:.2f} psnr_best={full['psnr_best']:.2f} "
                     f"psnr_last={full['psnr_last']:.2f} stop_iter={full['stop_iter']} best_iter={full['best_iter']}")
@@ -117,7 +120,7 @@ def test_tiny_dip_beats_the_blurry_input_and_resume_after_ctrl_c_reproduces_the_
     part = DIP.run(TINY, results_dir=str(tmp_path / "b"), input_noise=0.01)
     monkeypatch.setattr(DIP, "dip_step", step)
     assert part["interrupted"] and part["iterations_done"] == 50
-    resumed = DIP.run(resume=part["run_dir"], results_dir=str(tmp_path / "c"), progress=False)
+    resumed = DIP.run(resume=part["run_dir"], results_dir=str(tmp_path / "c"), progress=False, threads=1)
     assert resumed["iterations_done"] == 120
     ref = torch.load(os.path.join(full["run_dir"], "reconstructions.pt"))
     got = torch.load(os.path.join(resumed["run_dir"], "reconstructions.pt"))
@@ -135,6 +138,7 @@ def test_tiny_dip_beats_the_blurry_input_and_resume_after_ctrl_c_reproduces_the_
     (dict(generator="gan"), "unknown generator"),
     (dict(generator="unet", depth=4, size_x=30), "divisible by 8"),
     (dict(es_window=1), "es_window must be an integer ≥ 2"),
+    (dict(threads=-1), "threads must be ≥ 0"),
     (dict(widht=8), "unknown setting 'widht'"),
     (dict(resume="nowhere/checkpoint.pt"), "no checkpoint at"),
 ])
