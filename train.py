@@ -80,6 +80,7 @@ seed = 0                   # crops, split, noise, filters and batches
 threads = 0                # torch CPU threads (0: torch's default; 1 on a shared machine)
 # output and machine
 results_dir = "Results"
+name = ""                  # run folder name (empty: <time>_train_<problem>_<regulariser>_<method>)
 device = "auto"            # auto | cpu | cuda | cuda:N
 dtype = "float64"          # float64 | float32
 resume = ""                # checkpoint.pt (or its run folder) of an interrupted run
@@ -89,7 +90,7 @@ RENAMED = {"alpha": "step0"}
 _PROG = "train.py"
 PROBLEMS = ("denoising", "deblurring", "semiblind")
 METHODS = ("isgd", "maid", "ift")
-_RUN_LOCAL = ("results_dir", "device", "resume")
+_RUN_LOCAL = ("results_dir", "name", "device", "resume")
 _RESUME_OVERRIDES = _RUN_LOCAL + ("budget", "epochs")
 
 
@@ -119,6 +120,8 @@ def validate(cfg: dict) -> None:
           f"batch_size={cfg['batch_size']} exceeds train_size={cfg['train_size']}")
     check(cfg["dtype"] in ("float32", "float64"), f"dtype must be float32 or float64, got {cfg['dtype']!r}")
     config.valid_seed(cfg["seed"])
+    check(cfg["name"] == "" or (os.sep not in cfg["name"] and cfg["name"] not in (".", "..")),
+          f"name must be a plain folder name, got {cfg['name']!r}")
     check(cfg["threads"] >= 0, f"threads must be ≥ 0 (0: torch's default), got {cfg['threads']}")
 
 
@@ -390,7 +393,7 @@ def run(cfg: dict | None = None, progress: bool = True, **overrides) -> dict:
     data, known, kernel0 = make_data(cfg, dev, dt)
     train, test, theta0, par = make_problems(cfg, data, known, kernel0, dt)
     tag = f"{cfg['problem']}_{cfg['regulariser']}_{cfg['method']}"
-    run_dir = config.make_run_dir(cfg["results_dir"], time.strftime("%Y%m%d-%H%M%S") + "_train_" + tag)
+    run_dir = config.make_run_dir(cfg["results_dir"], cfg["name"] or time.strftime("%Y%m%d-%H%M%S") + "_train_" + tag)
     figures.save_json(os.path.join(run_dir, "config.json"), dict(cfg, device_resolved=str(dev), torch=torch.__version__))
     figures.save_json(os.path.join(run_dir, "split.json"), {"train_sources": data.train_sources,
                                                              "test_sources": data.test_sources, "crops": data.crops})

@@ -75,7 +75,7 @@ def run(cfg: dict | None = None, quick: bool = False, progress: bool = True, **o
     for name, setting in METHODS.items():
         if progress:
             print(f"== {name}", file=sys.stderr)
-        runs[name] = train.run({**base, **setting, "results_dir": out}, progress=progress)
+        runs[name] = train.run({**base, **setting, "results_dir": out, "name": name}, progress=progress)
     budget = base["budget"]
     evals = {k: s["evals"] for k, s in runs.items()}
     noisy = runs["isgd"]["scores"][next(iter(runs["isgd"]["scores"]))]["psnr"]
