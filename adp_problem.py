@@ -41,15 +41,72 @@ Error-bound constants (SPEC §3; closed form, circular boundaries, all documente
   ``‖K(e)ᵀB_b e‖ ≤ k‖B_b‖‖e‖²`` (Young, per channel).  ``‖C_r‖ ≤ k‖r‖`` and ``‖C_x‖ ≤ k‖x̃‖``
   (each of the k² columns of ``C_u`` is a circular shift of ``u``), so this is at least as
   tight as ``(2/n) k (‖r‖ + ‖B_b‖‖x̃‖ + ‖B_b‖ε) ε``.
+
+A-posteriori bound with local constants (:meth:`ADPBetaProblem.hypergradient_error_bound`,
+issue 15).  The ω above is valid but 1e9× the true error: its ``L_{H⁻¹} = L_H/μ²`` uses the TV
+third derivative at ``w = γ`` everywhere and ``1/μ`` (the worst frequency of ``B_b``) for every
+vector.  The bound below measures errors in the norms that ``h`` itself provides.
+``Q = B_bᵀB_b + (μ₀ + λ_R)I`` (circulant, ``λ_min(Q) = μ``) satisfies ``Q ⪯ ∇²h(x)`` for every x,
+so ``‖H⁻¹ᐟ²v‖ ≤ ‖v‖_{Q⁻¹} := sqrt(vᵀQ⁻¹v)`` for ``H = H̃ = ∇²h(x̃)`` or ``Ĥ = ∇²h(x̂)``, and
+``‖MᵀH⁻¹ᐟ²‖ ≤ ‖MᵀQ⁻¹ᐟ²‖`` for any M.  Notation: ``e = x̃ − x̂``, ``q̃`` the CG iterate,
+``r = ∇ₓg(x̃) − H̃q̃`` its residual, ``q* = H̃⁻¹∇ₓg(x̃)``, ``q̂ = Ĥ⁻¹∇ₓg(x̂)``, ``r_y = B_b x̃ − y``,
+``W(u) = ‖Q⁻¹ᐟ²C_u‖`` and ``W_B(u) = ‖Q⁻¹ᐟ²B_bᵀC_u‖`` (``C_u: δ ↦ B_δ u``; exact, k²×k²
+eigenproblems: :func:`operators.conv_operator_norm` with the weights ``1/Q``, ``|b̂|²/Q``).
+
+1. **Lower-level error in the energy norm.**  ``g_h = ∇h(x̃) = H̄e`` with ``H̄ = ∫₀¹∇²h(x̂ + te)dt ⪰ Q``,
+   so ``eᵀH̄e = g_hᵀH̄⁻¹g_h ≤ ‖g_h‖²_{Q⁻¹} =: κ²`` (computed), hence ``‖e‖_Q ≤ κ``, ``‖e‖ ≤ E := κ/√μ``.
+   (A solve certified by ``‖g_h‖ ≤ με`` or by the energy test has ``κ ≤ √μ ε``, ``E ≤ ε``.)
+2. **Upper gradient change** ``v₁ = ∇ₓg(x̃) − ∇ₓg(x̂) = (2/n)A_upᵀA_up e``:
+   ``‖v₁‖_{Q⁻¹} ≤ (2/n) m_A κ``, ``m_A = max_ω |â(ω)|²/Q(ω)`` (both circulant).
+3. **Hessian change** ``Ĥ − H̃ = ∇²R(x̂) − ∇²R(x̃)``.  For ``SmoothedTV`` (``∇²R = αDᵀdiag(M_p)D``,
+   ``M(d) = (I − nnᵀ)/w``, ``n = d/w``, ``w = sqrt(|d|² + γ²)``): the derivative of ``M`` is the
+   third derivative of ``ψ(d) = w``, ``T = [3n⊗n⊗n − sym(I⊗n)]/w²``, whose norm (for a symmetric
+   trilinear form, ``sup_{|u|=1}|T(u,u,u)| = 3t(1 − t²)/w²``, ``t = |u·n| < 1``) is ≤ ``(2/√3)/w²``.
+   Per pixel ``s_p ≥ |(De)_p|`` and, w being 1-Lipschitz in d, ``w ≥ w_p := max(γ, w̃_p − s_p)``
+   on the segment, so ``‖M(d̂_p) − M(d̃_p)‖ ≤ a_p|(De)_p|``, ``a_p := (2/√3)/w_p²``.  ``s_p``:
+   ``|(Du)_p| ≤ 2‖u‖`` gives ``2E``; the TV part of ``eᵀH̄e ≤ κ²`` is
+   ``Σ_p c_p|(De)_p|² ≤ κ²`` with ``c_p = αγ²/(w̃_p + s_p)³`` (``M ⪰ γ²/w³``, ``w ≤ w̃_p + s_p`` on the
+   segment), which for one pixel gives ``αγ²s²/(w̃_p + s)³ ≤ κ²``: ``s_p`` = the smallest root of
+   that equation when ``2E`` violates it, else ``2E``.  With ``f_p = α a_p|(Dq̃)_p|``,
+   ``‖(Ĥ − H̃)q̃‖ ≤ √8‖f ⊙ |De|‖₂ ≤ √8 min(‖f ⊙ s‖₂, max_p f_p/√m_p)``, ``m_p = ½(c_p/κ² + 1/(8E²))``
+   (Cauchy–Schwarz against ``Σ m_p|(De)_p|² ≤ ½(1 + ‖De‖²/(8E²)) ≤ 1``: the energy budget is spent
+   once over all pixels, not once per pixel), and ``‖Ĥ − H̃‖ ≤ 8α max a_p s_p`` (``‖D‖² ≤ 8``).
+   Any other ``R``: ``L_H E ‖q̃‖`` and ``L_H E``.
+   ``V₃ := ‖(Ĥ − H̃)q̃‖/√μ ≥ ‖(Ĥ − H̃)q̃‖_{Q⁻¹}``.
+4. **Adjoint.**  ``q* − q̂ = H̃⁻¹v₁ + Ĥ⁻¹(Ĥ − H̃)H̃⁻¹∇ₓg(x̂)`` and ``H̃⁻¹∇ₓg(x̂) = q̃ + H̃⁻¹(r − v₁)``.
+   With ``V₄ = (‖Ĥ − H̃‖/μ)(‖r‖_{Q⁻¹} + ‖v₁‖_{Q⁻¹})`` (``≥ ‖(Ĥ − H̃)H̃⁻¹(r − v₁)‖_{Q⁻¹}``) and
+   ``K_J = W(r_y) + W_B(x̃) ≥ ‖J̃ᵀQ⁻¹ᐟ²‖`` (``J̃δ = B_δᵀr_y + B_bᵀB_δx̃``, flipping δ is an isometry):
+   ``‖J̃ᵀ(q̃ − q̂)‖ = ‖J̃ᵀH̃⁻¹(v₁ − r) + J̃ᵀĤ⁻¹(Ĥ − H̃)(q̃ + H̃⁻¹(r − v₁))‖ ≤ K_J(‖v₁‖_{Q⁻¹} + ‖r‖_{Q⁻¹} + V₃ + V₄)``,
+   and ``‖q̂ − q̃‖ ≤ Δq := (‖v₁‖_{Q⁻¹} + ‖r‖_{Q⁻¹} + V₃ + V₄)/√μ``.
+5. **Mixed-product change** ``(J̃ − Ĵ)ᵀq̂ = corr(B_b q̂, e) + corr(B_b e, q̂)`` (exact, bilinear):
+   with ``q̂ = q̃ + (q̂ − q̃)``, ``≤ 2W_B(q̃)κ + 2k‖B_b‖EΔq`` (Young for the remainder).
+6. **Direct partial** (learned operator): ``(2/n)[K(e)ᵀr_y + K(x̃)ᵀB_b e − K(e)ᵀB_b e]`` (above)
+   ``≤ (2/n)[(W(r_y) + W_B(x̃))κ + k‖B_b‖E²]``.
+
+7. **Channel means** (``SmoothedTV``, whose Hessian annihilates constants: ``D1 = 0``).  Then
+   ``H̃1_c = Ĥ1_c = (|b̂_c(0)|² + μ₀)1_c`` and both Hessians map mean-free images to mean-free
+   images; ``(Ĥ − H̃)u = αDᵀ(·)`` is mean-free.  Writing ``r = r̄ + r⊥`` (per-channel means), the
+   parts of item 4 that act on ``r⊥``, ``(Ĥ − H̃)q̃`` and ``(Ĥ − H̃)H̃⁻¹(r − v₁)`` only see ``P⊥J̃``,
+   whose ``‖(P⊥J̃)ᵀQ⁻¹ᐟ²‖ ≤ K_J⊥`` uses the weights with the zero frequency removed, and
+   ``J̃ᵀH̃⁻¹r̄ = mixed_vjp(x̃, r̄_c/(|b̂_c(0)|² + μ₀))`` is computed exactly.  So item 4 becomes
+   ``K_J‖v₁‖_{Q⁻¹} + ‖J̃ᵀH̃⁻¹r̄‖ + K_J⊥(‖r⊥‖_{Q⁻¹} + V₃ + V₄)``.  This matters because an image's
+   mean makes ``‖J̃‖`` large (``B_bᵀB_δ x̄ = x̄(Σδ)``), while CG residuals and Hessian changes have
+   (almost) no mean.
+
+``ω = (6) + (4) + (5) ≥ ‖z − ∇f‖`` for ``z = ∂_b g(x̃) − J̃ᵀq̃`` (MAID's ``z``), with no assumption
+on how ``x̃`` and ``q̃`` were obtained (it is a-posteriori: κ and ``r`` are computed), in exact
+arithmetic (evaluate in float64).  Cost: two gradients/HVPs, three FFTs, three 25×25 eigenproblems.
 """
 from __future__ import annotations
 
 import math
 
+import torch
+
 from lower_level import CERTIFICATES, LowerLevel, solve_lower
 from maid import BilevelProblem, ErrorConstants
-from operators import Blur, conv_operator_norm, h1_norm, h1_norm_grad, h1_penalty, h1_penalty_grad, kernel_correlation
-from regularisers import Regulariser
+from operators import Blur, FiniteDifference, conv_operator_norm, h1_norm, h1_norm_grad, h1_penalty, h1_penalty_grad, kernel_correlation
+from regularisers import Regulariser, SmoothedTV
 
 UPPER_OPERATORS = ("learned", "known")
 KERNEL_PENALTIES = {"h1_squared": (h1_penalty, h1_penalty_grad), "h1": (h1_norm, h1_norm_grad)}
@@ -148,5 +205,104 @@ class ADPBetaProblem(BilevelProblem):
         return ErrorConstants(mu=h.mu, L_g=self.upper_lipschitz(x, b), J_norm=J, L_J=2 * self.k * Bn,
                               L_Hinv=L_Hinv, L_gtheta=L_gt, L_gtheta_jac=L_gt_jac)
 
+    # -- a-posteriori error bound with local constants (module docstring, items 1–6) ------------
+    def hypergradient_error_terms(self, x, b, q) -> dict:
+        """The terms of the a-posteriori bound on ``‖z − ∇f(b)‖`` at ``(x̃, b)`` with the CG iterate
+        ``q̃ = q`` (module docstring, items 1–6): ``kappa`` (``‖e‖_Q`` bound), ``E`` (``‖e‖`` bound),
+        ``cg_residual`` (``‖r‖_{Q⁻¹}``), ``adjoint``, ``mixed``, ``direct`` and their sum ``omega``."""
+        h = self.lower(b)
+        mu = h.mu
+        if not mu > 0:
+            return {"omega": math.inf}
+        root_mu = math.sqrt(mu)
+        kappa = h.q_inverse_norm(h.grad(x))
+        E = kappa / root_mu
+        Bn, k, n = h.blur.norm(), self.k, self.n
+        inv_Q = 1.0 / h.Q_spectrum
+        B_over_Q = h.blur.power * inv_Q
+        Rr = h.q_inverse_norm(self.upper_grad_x(x, b) - h.hvp(x, q))
+        V1 = (2 / n) * (self._A_up(b).power * inv_Q).max().item() * kappa
+        r_y = h.blur.A(x) - self.y
+        W_ry = conv_operator_norm(r_y, k, inv_Q)
+        W_Bx = conv_operator_norm(x, k, B_over_Q)
+        V3, H_change = self._hessian_change(x, q, kappa, E, mu)
+        V4 = H_change / mu * (Rr + V1)
+        inner = V1 + Rr + V3 + V4
+        dq = inner / root_mu
+        if self._hessian_kills_constants():           # item 7: J̃'s mean part acts on r only, exactly
+            r = self.upper_grad_x(x, b) - h.hvp(x, q)
+            r_mean = r.mean(dim=(-2, -1), keepdim=True)
+            mean_part = torch.linalg.vector_norm(self.mixed_vjp(x, b, r_mean.expand_as(r) / (
+                h.blur.power[..., :1, :1] + h.mu0))).item()
+            K_perp = (conv_operator_norm(r_y, k, _without_mean(inv_Q)) +
+                      conv_operator_norm(x, k, _without_mean(B_over_Q)))
+            adjoint = (W_ry + W_Bx) * V1 + mean_part + K_perp * (h.q_inverse_norm(r - r_mean) + V3 + V4)
+        else:
+            adjoint = (W_ry + W_Bx) * inner
+        mixed = 2 * conv_operator_norm(q, k, B_over_Q) * kappa + 2 * k * Bn * E * dq
+        direct = (2 / n) * ((W_ry + W_Bx) * kappa + k * Bn * E * E) if self.learned else 0.0
+        return {"kappa": kappa, "E": E, "cg_residual": Rr, "upper_change": V1, "hessian_change": V3,
+                "hessian_change_2": V4, "adjoint": adjoint, "mixed": mixed, "direct": direct,
+                "omega": adjoint + mixed + direct}
+
+    def hypergradient_error_bound(self, x, b, q) -> float:
+        """``ω ≥ ‖z − ∇f(b)‖`` for ``z = ∂_b g(x̃, b) − J(x̃)ᵀq̃`` (the hypergradient MAID computes from
+        ``x̃ = x`` and ``q̃ = q``), a-posteriori and with local constants (module docstring)."""
+        return self.hypergradient_error_terms(x, b, q)["omega"]
+
+    def _hessian_kills_constants(self) -> bool:
+        """``∇²R(x)1_c = 0`` for every x and channel c and ``λ_R = 0`` (SmoothedTV: ``D1 = 0``)."""
+        return isinstance(self.regulariser, SmoothedTV) and self.regulariser.hessian_lower_bound() == 0
+
+    def _hessian_change(self, x, q, kappa: float, E: float, mu: float):
+        """``(V₃, ‖Ĥ − H̃‖ bound)`` of item 3: ``V₃ ≥ ‖(Ĥ − H̃)q̃‖/√μ`` for every ``x̂`` with
+        ``‖x̃ − x̂‖ ≤ E`` and ``(x̃ − x̂)ᵀH̄(x̃ − x̂) ≤ κ²``.  Per-pixel for :class:`SmoothedTV` with
+        float parameters, else from ``R.hessian_lipschitz()``."""
+        R = self.regulariser
+        if not (isinstance(R, SmoothedTV) and not R.parameters()):
+            L_H = R.hessian_lipschitz()
+            return L_H * E * torch.linalg.vector_norm(q).item() / math.sqrt(mu), L_H * E
+        alpha, gamma = R.weight, R.smoothing
+        dh, dv = FiniteDifference.A(x)
+        w = torch.sqrt(dh * dh + dv * dv + gamma * gamma)
+        s = _pixel_difference_bound(w, alpha, gamma, kappa, 2 * E)
+        slope = (2 / math.sqrt(3)) / torch.clamp(w - s, min=gamma) ** 2       # a_p / s_p
+        qh, qv = FiniteDifference.A(q)
+        f = alpha * slope * torch.sqrt(qh * qh + qv * qv)
+        per_pixel = torch.linalg.vector_norm(f * s).item()
+        if kappa > 0:
+            m = 0.5 * (alpha * gamma * gamma / (w + s) ** 3 / kappa**2 + 1 / (8 * E * E))
+            per_pixel = min(per_pixel, torch.sqrt(f * f / m).max().item())
+        return math.sqrt(8) * per_pixel / math.sqrt(mu), 8 * alpha * (slope * s).max().item()
+
     def metrics(self, x, b):
         return {} if self.metrics_fn is None else self.metrics_fn(x)
+
+
+def _without_mean(weight: torch.Tensor) -> torch.Tensor:
+    """A real-FFT-grid weight with its zero frequency set to 0 (the per-channel mean removed)."""
+    w = weight.clone()
+    w[..., 0, 0] = 0
+    return w
+
+
+def _pixel_difference_bound(w, alpha: float, gamma: float, kappa: float, S: float, iters: int = 60):
+    """Per pixel, a bound ``s_p ≥ |(De)_p|`` from ``|(De)_p| ≤ S`` and ``φ_p(|(De)_p|) ≤ κ²``,
+    ``φ_p(s) = αγ²s²/(w_p + s)³`` (module docstring, item 3).
+
+    ``φ_p`` increases on ``[0, 2w_p]`` and decreases after, so ``{s ≤ S: φ_p(s) ≤ κ²}`` is
+    ``[0, S]`` when ``φ_p(S) ≤ κ²`` and ``[0, s₁]`` otherwise, ``s₁`` the root in
+    ``[0, min(S, 2w_p)]`` (bisection, ``iters`` halvings; the upper end is kept, so ``s_p ≥ s₁``)."""
+    def phi(t):
+        return alpha * gamma * gamma * t * t / (w + t) ** 3
+
+    S_t = torch.full_like(w, S)
+    if kappa == 0:
+        return torch.zeros_like(w)
+    lo, hi = torch.zeros_like(w), torch.minimum(S_t, 2 * w)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        above = phi(mid) > kappa * kappa
+        hi = torch.where(above, mid, hi)
+        lo = torch.where(above, lo, mid)
+    return torch.where(phi(S_t) <= kappa * kappa, S_t, hi)

@@ -156,14 +156,24 @@ class LowerLevel:
         evaluation, ~1e-16 relative to ``‖Qx‖``, is then far below any ``μ ε`` in use)."""
         if not self.mu > 0:
             return math.inf
-        G = torch.fft.rfft2(g)
+        return self.q_inverse_norm(g) / math.sqrt(self.mu)
+
+    @property
+    def Q_spectrum(self) -> torch.Tensor:
+        """``|b̂(ω)|² + μ₀ + λ_R`` on the real-FFT grid: the eigenvalues of ``Q`` (see :meth:`energy_bound`)."""
+        return self._Q_spectrum
+
+    def q_inverse_norm(self, v: torch.Tensor) -> float:
+        """``‖v‖_{Q⁻¹} = sqrt(vᵀQ⁻¹v)`` (Parseval on the real FFT, see :meth:`energy_bound`); ``v`` of
+        the shape of ``y``."""
+        V = torch.fft.rfft2(v)
         H, W = self.blur.shape
-        weight = torch.full((G.shape[-1],), 2.0, dtype=self._Q_spectrum.dtype, device=G.device)
+        weight = torch.full((V.shape[-1],), 2.0, dtype=self._Q_spectrum.dtype, device=V.device)
         weight[0] = 1.0
         if W % 2 == 0:
             weight[-1] = 1.0
-        quad = ((G.real.square() + G.imag.square()) / self._Q_spectrum * weight).sum().item() / (H * W)
-        return math.sqrt(max(quad, 0.0) / self.mu)
+        quad = ((V.real.square() + V.imag.square()) / self._Q_spectrum * weight).sum().item() / (H * W)
+        return math.sqrt(max(quad, 0.0))
 
     def float64_twin(self) -> "LowerLevel":
         """The same ``h`` with ``b``, ``y`` and ``R``'s parameters cast exactly to float64 (on the CPU

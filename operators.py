@@ -209,15 +209,21 @@ def kernel_correlation(w: torch.Tensor, u: torch.Tensor, k: int) -> torch.Tensor
     return corr.unsqueeze(1)
 
 
-def conv_operator_norm(u: torch.Tensor, k: int) -> float:
+def conv_operator_norm(u: torch.Tensor, k: int, weight: torch.Tensor | None = None) -> float:
     """``max_c ‖δ ↦ B_δ u_c‖`` over k×k kernels δ: the exact norm of convolution-with-``u``.
 
     Its Gram matrix is the k²×k² matrix of circular autocorrelations of ``u_c`` at lags in
     ``[−(k−1), k−1]²``; its largest eigenvalue is the squared norm.  Used for ``‖J‖`` in the
     MAID error bound (SPEC §3).
+
+    With ``weight`` (a non-negative spectrum ``W(ω)`` on the real-FFT grid, broadcastable to
+    ``(C, H, W//2+1)`` and even, ``W(ω) = W(−ω)``): the norm of ``δ ↦ F⁻¹(√W · F(B_δ u_c))``, e.g.
+    ``W = 1/Q`` gives ``‖Q^{-1/2} C_u‖`` for a circulant ``Q``; the Gram matrix is then the
+    autocorrelation computed from ``|û|²W``.
     """
     H, W = u.shape[-2:]
-    ac = _irfft(_rfft(u).abs() ** 2, (H, W))         # autocorrelation, (C, H, W)
+    spec = _rfft(u).abs() ** 2
+    ac = _irfft(spec if weight is None else spec * weight, (H, W))     # autocorrelation, (C, H, W)
     idx = torch.arange(k, device=u.device)
     di = (idx[:, None, None, None] - idx[None, None, :, None]) % H   # (k,1,k,1)
     dj = (idx[None, :, None, None] - idx[None, None, None, :]) % W   # (1,k,1,k)
