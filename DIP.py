@@ -25,8 +25,11 @@ stopping, no input-noise perturbation, no joint kernel, so the loop is written h
 usable generators: ``ConvDecoder`` (Darestani & Heckel: upsample + 3×3 conv + ReLU + BatchNorm
 layers from a small ``in_size`` grid; deepinv's recommended DIP network) and ``UNet`` (an
 encoder–decoder with skips, closest to Ulyanov et al.'s skip network).  Both are options
-(``generator``); the default is ``convdecoder``, chosen on the measurements in the README (DIP
-section): at the CPU size it reaches the higher PSNR peak per second.  The output goes through a
+(``generator``); the default is ``convdecoder``: deepinv's recommended DIP network and the cheaper
+one per iteration on the CPU.  Measured once (README, DIP section; quick size 64×64, 600
+iterations, one thread): UNet (widths 16…128, 4 scales) peaked higher (25.40 against 24.73 dB)
+for 1.8× the CPU time, and it overfits within the run (ConvDecoder's PSNR was still rising), so
+``--generator=unet`` is the choice for studying the stopping rule.  The output goes through a
 sigmoid (as in Ulyanov et al.) so ``x ∈ (0, 1)``; no pretrained weights exist or are loaded.
 
 **Early stopping.**  Every iterate is fed to ES-WMV and ES-EMV (:mod:`early_stopping`); the run

@@ -28,7 +28,9 @@ transition.
 variance, ``x*`` is the iterate ``x_k`` at which ``V_k`` reached its smallest value so far (the
 newest iterate of that window, as in the paper's Algorithm 1), ties keeping the earlier one;
 ``update`` returns ``True`` once the minimum has not decreased for ``P`` consecutive iterations,
-i.e. from ``k = k* + P`` on.
+i.e. from ``k = k* + P`` on.  From then on the selection is final: a caller that keeps iterating
+(to see what happens after the stop) still gets ``V_k`` in ``value``, but ``best()`` no longer
+changes, so it is what the detector returned when it stopped.
 
 **Cost** (ES-WMV): ``O(N)`` per iteration, not ``O(WN)``.  The window's mean ``m`` and
 ``M₂ = Σ_i ‖x_i − m‖²`` are updated when ``x_new`` replaces ``x_old`` (sliding-window Welford):
@@ -70,6 +72,8 @@ class _MinimumTracker:
 
     def _track(self, value: float | None, x: torch.Tensor) -> bool:
         self.value = value
+        if self.stop:                     # the selection is final once patience has run out
+            return True
         if value is not None and value < self.min_value:
             self.min_value, self.best_iter = value, self.k
             self._best_x = x.detach().clone()

@@ -2,6 +2,7 @@
 reconstruction at each upper iteration, pick an iterate close to the PSNR-best one?
 
     python experiments/adp_early_stopping.py [--image=astronaut] [--beta=1e-4] [--upper_iter=60] ...
+    OMP_NUM_THREADS=1 python experiments/adp_early_stopping.py ...   # on an overloaded machine
 
 Any of ADP.py's settings can be overridden with ``--name=value``; this script's own defaults
 (below, ``OVERRIDES``) put ADP in a regime where it overfits: a small kernel penalty β (the kernel
@@ -52,11 +53,10 @@ def select(xs: list[torch.Tensor], window: int, patience: int) -> tuple[int | No
     """ES-WMV on a stored sequence: ``(k*, k_stop)`` — the selected iterate and where patience ran
     out (None if it did not), both 1-based."""
     det = WindowedVariance(window, patience)
-    stop_at = None
     for k, x in enumerate(xs, 1):
-        if det.update(x) and stop_at is None:
-            stop_at = k
-    return det.best()[1], stop_at
+        if det.update(x):
+            return det.best()[1], k
+    return det.best()[1], None
 
 
 def es_figure(psnrs, variances, k_es, k_best, path) -> None:
@@ -81,7 +81,6 @@ def es_figure(psnrs, variances, k_es, k_best, path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     try:
         _, explicit = config.parse_argv(ADP.DEFAULTS, argv, ADP.RENAMED)
         cfg = config.resolve(ADP.DEFAULTS, {**OVERRIDES, **explicit}, ADP.RENAMED)

@@ -133,18 +133,22 @@ def test_known_minimum_detected_exactly_and_patience_respected(kind):
         assert np.nanargmin(direct_wmv(xs.numpy(), W)) + 1 == k0
 
 
-def test_later_deeper_minimum_resets_patience():
-    """Two flat blocks: a shallow one (nearly constant, VAR ≈ 1e-6) ending at 100 and an exact one
-    ending at 130 < 100 + P.  The detector must not stop at 100 + P, must move k* to 130 and stop
-    exactly at 130 + P (P = 50, W = 10)."""
+def test_later_deeper_minimum_resets_patience_and_the_selection_is_final_after_the_stop():
+    """Three flat blocks: a shallow one (spread 1e-3, VAR ≈ 1e-6) ending at 100, a deeper one
+    (spread 1e-5) ending at 130 < 100 + P, and an exactly flat one (VAR = 0, the global minimum)
+    ending at 250, after the stop.  The detector must not stop at 100 + P, must move k* to 130,
+    stop exactly at 130 + P (P = 50, W = 10), and keep k* = 130 although the iterates fed after
+    the stop reach a lower variance (a detector that kept tracking would report 250)."""
     W, P = 10, 50
     xs = rand(300, 4, 4, seed=6)
     xs[90:100] = xs[99] + 1e-3 * rand(10, 4, 4, seed=7)
-    xs[120:130] = xs[129]
+    xs[120:130] = xs[129] + 1e-5 * rand(10, 4, 4, seed=8)
+    xs[240:250] = xs[249]
     det = WindowedVariance(window=W, patience=P)
-    _, stops = feed(det, xs)
+    values, stops = feed(det, xs)
     assert det.best()[1] == 130
     assert stops.index(True) + 1 == 130 + P
+    assert np.nanargmin(values) + 1 == 250
 
 
 @pytest.mark.parametrize("kwargs, match", [
