@@ -286,17 +286,39 @@ def test_adp_J_norm_operator_term_attained_for_constant_image():
 
 
 def test_adp_J_lipschitz_constant_attained_by_constant_direction():
-    """``J(x) − J(x′): δ ↦ B_δᵀB_b e + B_bᵀB_δ e``, e = x − x′.  For a constant e and a normalised
-    non-negative b (‖B_b‖ = 1) this is δ ↦ 2(Σδ)e, of norm 2k‖e‖ = 2k‖B_b‖‖e‖: L_J must be at least
-    that and (it is) not more — so L_J = k‖B_b‖ fails."""
+    """``J(x) − J(x′): δ ↦ B_δᵀB_b e + B_bᵀB_δ e``, e = x − x′.  For a constant e and a non-negative
+    b (‖B_b‖ = Σb = 2 here, so that ‖B_b‖ and 1/‖B_b‖ differ) this is δ ↦ 2(Σb)(Σδ)e, of norm
+    2k‖B_b‖‖e‖: L_J must be at least that and (it is) not more — so L_J = k‖B_b‖ fails."""
     C, H, W, k = 1, 8, 8, 5
-    b = gaussian_kernel(k, 1.2, channels=C, dtype=torch.float64)
+    b = 2 * gaussian_kernel(k, 1.2, channels=C, dtype=torch.float64)      # ‖B_b‖ = Σb = 2
     y = rand(C, H, W, seed=5)
     x = rand(C, H, W, seed=6)
     e = torch.full_like(x, 0.3)
     diff = _spectral_norm(_dense_J(b, x + e, y) - _dense_J(b, x, y)) / torch.linalg.vector_norm(e).item()
     L_J = _adp(y, b).error_constants(x, b).L_J
     assert diff <= L_J * (1 + 1e-12) and L_J <= diff * (1 + 1e-9), (L_J, diff)
+
+
+def test_adp_direct_partial_constants():
+    """Learned operator: ∂_b g(x) = β∇P + (2/n)K(x)ᵀ(B_b x − y) is quadratic in x, so
+    ∂_b g(x + e) + ∂_b g(x − e) − 2∂_b g(x) = (4/n)K(e)ᵀB_b e exactly; for a constant e its norm is
+    (4/n)k‖B_b‖‖e‖² = L'_{θx}‖e‖² (attained: L'_{θx} = (4/n)k‖B_b‖ exactly, ‖B_b‖ = 2 here).  And
+    L_{θx} = (2/n)·(the ‖J‖ bound), as derived in adp_problem's docstring.  Known operator: ∂_b g is
+    the penalty's gradient alone, both constants 0."""
+    C, H, W, k = 1, 8, 8, 3
+    b = 2 * gaussian_kernel(k, 0.8, channels=C, dtype=torch.float64)
+    y, x = rand(C, H, W, seed=7), rand(C, H, W, seed=8)
+    e = torch.full_like(x, 0.4)
+    p = _adp(y, b)
+    c = p.error_constants(x, b)
+    n = y.numel()
+    assert math.isclose(c.L_gtheta, 2 / n * c.J_norm, rel_tol=1e-14)
+    assert math.isclose(c.L_gtheta_jac, 4 / n * k * 2.0, rel_tol=1e-12)
+    d = p.upper_grad_theta(x + e, b) + p.upper_grad_theta(x - e, b) - 2 * p.upper_grad_theta(x, b)
+    second = torch.linalg.vector_norm(d).item() / torch.linalg.vector_norm(e).item() ** 2
+    assert math.isclose(second, c.L_gtheta_jac, rel_tol=1e-9), (second, c.L_gtheta_jac)
+    ck = _adp(y, b, "known").error_constants(x, b)
+    assert ck.L_gtheta == 0.0 and ck.L_gtheta_jac == 0.0
 
 
 def test_lower_level_mu_and_L_two_sided_with_tv():

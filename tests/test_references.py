@@ -18,6 +18,8 @@ from conftest import rand
 from imaging import load_image, make_data, psnr_ssim
 from operators import Blur, gaussian_kernel, make_kernel
 from regularisers import AnisotropicTV, SmoothedTV
+from adp_problem import ADPBetaProblem
+from operators import h1_penalty
 
 
 def _pair(C=3, H=24, W=20, noise=0.1, seed=0):
@@ -193,3 +195,56 @@ def test_make_data_is_the_forward_model(tmp_path, setting):
         clean = Blur(gaussian_kernel(5, 0.5, channels=3, dtype=torch.float64), (16, 18)).A(clean)
     n = torch.randn(x_true.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     assert torch.allclose((y - clean) / 0.02, n, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------
+# ADP-β's upper level against its formula (SPEC §1)
+# ------------------------------------------------------------------------------------------
+def _upper_case(seed=0):
+    C, H, W = 2, 9, 8
+    y, x = rand(C, H, W, seed=seed), rand(C, H, W, seed=seed + 1)
+    b0 = gaussian_kernel(3, 0.7, channels=C, dtype=torch.float64)
+    b = b0 + 0.05 * rand(*b0.shape, seed=seed + 2)
+    a = make_kernel("disc", 3, C, dtype=torch.float64)
+    return y, x, b0, b, a
+
+
+@pytest.mark.parametrize("operator", ["learned", "known", "known_kernel"])
+def test_adp_upper_loss_and_gradient_are_the_formula(operator):
+    """g(x, b) = ‖A_up x − y‖²/n + β‖b − b₀‖²_{H¹} and ∇ₓg = (2/n)A_upᵀ(A_up x − y), with A_up = B_b
+    (learned), B_{b₀} (known) or B_a (known with known_kernel = a), written out with Blur (1e-12).
+    At b ≠ b₀ the three differ, so using the wrong operator fails."""
+    y, x, b0, b, a = _upper_case()
+    beta = 0.3
+    if operator == "learned":
+        p, A = ADPBetaProblem(y, b0, SmoothedTV(0.01, 0.1), beta, 0.0, "learned"), Blur(b, y.shape[-2:])
+    elif operator == "known":
+        p, A = ADPBetaProblem(y, b0, SmoothedTV(0.01, 0.1), beta, 0.0, "known"), Blur(b0, y.shape[-2:])
+    else:
+        p = ADPBetaProblem(y, b0, SmoothedTV(0.01, 0.1), beta, 0.0, "known", known_kernel=a)
+        A = Blur(a, y.shape[-2:])
+    r = A.A(x) - y
+    n = y.numel()
+    g = (r * r).sum().item() / n + beta * h1_penalty(b, b0).item()
+    assert math.isclose(p.upper_loss(x, b).item(), g, rel_tol=1e-12)
+    assert torch.allclose(p.upper_grad_x(x, b), 2 / n * A.A_adjoint(r), atol=1e-12)
+    assert math.isclose(p.upper_lipschitz(x, b), 2 / n * A.norm() ** 2, rel_tol=1e-12)
+
+
+def test_adp_defaults_and_metrics():
+    """Defaults: μ₀ = 0 (μ = min|b̂|² exactly), the learned operator; metrics(x, b) is metrics_fn(x)
+    and {} without one."""
+    y, x, b0, b, _ = _upper_case(3)
+    p = ADPBetaProblem(y, b0, SmoothedTV(0.01, 0.1), 0.1)
+    assert p.learned and math.isclose(p.lower(b).mu, Blur(b, y.shape[-2:]).min_singular_sq(), rel_tol=1e-12)
+    assert p.metrics(x, b) == {}
+    q = ADPBetaProblem(y, b0, SmoothedTV(0.01, 0.1), 0.1, metrics_fn=lambda z: {"mean": z.mean().item()})
+    assert q.metrics(x, b) == {"mean": x.mean().item()}
+
+
+def test_adp_bad_arguments_refused_with_reason():
+    y, _, b0, _, _ = _upper_case()
+    with pytest.raises(ValueError, match="unknown upper_operator 'both'; use 'learned' or 'known'"):
+        ADPBetaProblem(y, b0, SmoothedTV(0.01, 0.1), 0.1, upper_operator="both")
+    with pytest.raises(TypeError, match="got float"):
+        ADPBetaProblem(y, b0, 0.01, 0.1)
