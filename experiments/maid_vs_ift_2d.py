@@ -10,7 +10,7 @@ same start ``(b₀, x = y)``:
 
 * **MAID**: ``maid.maid`` with the fair protocol's configuration (ε₀ = 10⁻², δ₀ = 10⁻⁶, step₀ = 1,
   stop at ε < 10⁻⁶ or ``upper_iter`` iterations);
-* **MAID(k=v,…)**: ``maid_variants``, MAID with some fields of the configuration changed (e.g.
+* **MAID(k=v,…)**: further entries of ``maid_variants``, MAID with some fields of the configuration changed (e.g.
   ``eps0=1e-4,max_backtracks=2``), to show where MAID's cost goes;
 * **IFT ε**: ``maid.inexact_gradient_descent`` with fixed accuracy ε ∈ {10⁻², 10⁻⁴, 10⁻⁶}, the
   CG tolerance ``δ = ε·δ₀/ε₀`` (MAID's ratio), the fixed step ``ift_step`` (default MAID's
@@ -62,7 +62,7 @@ upper_operator = "learned"    # learned | known
 ift_eps = "1e-2,1e-4,1e-6"    # accuracies of the IFT runs
 ift_step = 0.0                # fixed IFT step (0: MAID's step₀)
 upper_iter = 40               # upper iterations of every run
-maid_variants = ""            # extra MAID runs: ";"-separated, each "k=v,k=v" of MAIDConfig fields (e.g. "eps0=1e-4,max_backtracks=2")
+maid_variants = "default"     # MAID runs, ";"-separated: "default" (the fair protocol) or "k=v,k=v" of MAIDConfig fields (e.g. "default;eps0=1e-4")
 eval_eps = 1e-7               # accuracy of the uncounted re-evaluation of f(b_k)
 target_fraction = 0.01        # target: f_best + target_fraction·(f(b₀) − f_best)
 quick = False                 # 64×64, 8 upper iterations
@@ -174,7 +174,9 @@ def resolve(cfg=None, **overrides):
     check(opts["ift_step"] >= 0 and math.isfinite(opts["ift_step"]), "ift_step must be ≥ 0 (0: MAID's step₀)")
     check(opts["eval_eps"] > 0 and 0 < opts["target_fraction"] < 1, "eval_eps > 0 and 0 < target_fraction < 1")
     opts["_eps"] = eps
-    opts["_variants"] = [parse_variant(v) for v in opts["maid_variants"].split(";") if v.strip()]
+    opts["_variants"] = [{} if v.strip() == "default" else parse_variant(v)
+                         for v in opts["maid_variants"].split(";") if v.strip()]
+    check(opts["_variants"] or eps, "give at least one run (maid_variants or ift_eps)")
     return opts
 
 
@@ -206,8 +208,8 @@ def run(cfg=None, **overrides) -> dict:
     run_dir = config.make_run_dir(opts["results_dir"], time.strftime("%Y%m%d-%H%M%S") + ("_quick" if opts["quick"] else ""))
     figures.save_json(os.path.join(run_dir, "config.json"), {k: v for k, v in opts.items() if not k.startswith("_")})
     step = opts["ift_step"] or P.FAIR["step0"]
-    methods = ([("MAID", None, None)] +
-               [("MAID(" + ",".join(f"{k}={v:g}" for k, v in ch.items()) + ")", None, ch) for ch in opts["_variants"]] +
+    methods = ([("MAID(" + ",".join(f"{k}={v:g}" for k, v in ch.items()) + ")" if ch else "MAID", None, ch)
+                for ch in opts["_variants"]] +
                [(f"IFT_{e:.0e}".replace("e-0", "e-"), e, None) for e in opts["_eps"]])
     runs = {}
     for name, eps, ch in tqdm(methods, desc="maid_vs_ift_2d", unit="run", dynamic_ncols=True):
@@ -222,16 +224,17 @@ def run(cfg=None, **overrides) -> dict:
         safe = "".join(c if c.isalnum() or c in "-." else "_" for c in name).strip("_")
         figures.save_csv(os.path.join(run_dir, f"log_{safe}.csv"),
                          [dict(r, f_reevaluated=fv) for r, fv in zip([{}] + log, f)])
-    f0 = runs["MAID"]["f"][0]
+    f0 = next(iter(runs.values()))["f"][0]
     f_best = min(r["f"][-1] for r in runs.values())
     f_min = min(min(r["f"]) for r in runs.values())
     target_gap = f_best + opts["target_fraction"] * (f0 - f_best)
     target_rel = f_best * 1.01
     ttt = {k: time_to_target(r["times"], r["f"], target_gap) for k, r in runs.items()}
     ttt_rel = {k: time_to_target(r["times"], r["f"], target_rel) for k, r in runs.items()}
+    itt = {k: time_to_target(r["lower"], r["f"], target_gap) for k, r in runs.items()}   # load-independent cost
     loss_figure(runs, f_min, os.path.join(run_dir, "loss.png"))
     summary = {"f_b0": f0, "f_best_final": f_best, "target_gap": target_gap, "target_x1.01": target_rel,
-               "time_to_target": ttt, "time_to_target_x1.01": ttt_rel, "ift_step": step,
+               "time_to_target": ttt, "time_to_target_x1.01": ttt_rel, "lower_iters_to_target": itt, "ift_step": step,
                "runs": {k: {kk: vv for kk, vv in r.items() if kk not in ("times", "lower", "f", "logged")} |
                         {"final_f": r["f"][-1], "time": r["times"][-1], "lower_iters": r["lower"][-1]}
                         for k, r in runs.items()}}
@@ -251,11 +254,12 @@ def main(argv):
           f"{s['f_b0'] - s['f_best_final']:.3g} (relative {(s['f_b0'] - s['f_best_final']) / s['f_b0']:.2e})")
     w = max(10, *(len(k) for k in runs))
     print(f"{'run':{w}s} {'iters':>5s} {'acc':>4s} {'stop':>10s} {'final f':>16s} {'f−f_best':>10s} {'time [s]':>9s} "
-          f"{'lower it':>8s} {'CG it':>6s} {'|b−b0|/|b0|':>11s} {'t→target':>9s}")
+          f"{'lower it':>8s} {'CG it':>6s} {'|b−b0|/|b0|':>11s} {'t→target':>9s} {'lower it→target':>15s}")
     for k, r in runs.items():
         print(f"{k:{w}s} {r['iters']:5d} {r['accepted']:4d} {r['stop']:>10s} {r['f'][-1]:16.10g} "
               f"{r['f'][-1] - s['f_best_final']:10.3g} {r['times'][-1]:9.2f} {r['lower'][-1]:8d} {r['cg']:6d} "
-              f"{r['kernel_move']:11.3g} {_fmt_t(s['time_to_target'][k]):>9s}")
+              f"{r['kernel_move']:11.3g} {_fmt_t(s['time_to_target'][k]):>9s} "
+              f"{str(s['lower_iters_to_target'][k] if s['lower_iters_to_target'][k] is not None else 'never'):>15s}")
     print(out["run_dir"])
     print("time_to_target_x1.01 " + " ".join(f"{k}={_fmt_t(v)}" for k, v in s["time_to_target_x1.01"].items()))
     print("time_to_target " + " ".join(f"{k}={_fmt_t(v)}" for k, v in s["time_to_target"].items()))

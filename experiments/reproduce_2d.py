@@ -453,9 +453,9 @@ def grid_figure(case_results, image, path, methods):
     _save_small(fig, path, figures)
 
 
-def _save_small(fig, path, figures):
-    fig.set_dpi(100)
-    figures._atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
+def _save_small(fig, path, figures, dpi=90):
+    """Atomic PNG at a low resolution (the grids are photos: PNGs stay below ~300 KB)."""
+    figures._atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
     import matplotlib.pyplot as plt
     plt.close(fig)
 
