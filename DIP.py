@@ -239,7 +239,7 @@ class DIPState:
         self.wmv = WindowedVariance(cfg["es_window"], cfg["es_patience"])
         self.emv = ExponentialVariance(cfg["es_alpha"], cfg["es_patience"])
         self.oracle = Oracle()
-        self.noise = torch.Generator().manual_seed(cfg["net_seed"] + 1)
+        self.noise = torch.Generator().manual_seed((cfg["net_seed"] + 1) % 2**63)   # not z's stream
         self.history: list[dict] = []
         self.k = 0
         self.last_x: torch.Tensor | None = None
