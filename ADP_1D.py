@@ -31,6 +31,9 @@ Choices (measured on this machine, 1 thread; see the README section):
 * ``maid_descent_check = False``: with the honest constants (μ = α₂, ‖J‖ ≤ ‖Bx − y‖ + ‖B‖‖x‖) the
   bound ω exceeds ‖z‖ once ‖z‖ is small, and the check then halves ε up to 10 times per
   iteration; the run hits ε_min early and ends at a higher loss (both scales, see README).
+* ``lista_paper_loss``, ``paper_adjoint``, ``maid_paper_stop`` (all off): the paper code's three
+  differences from SPEC §4.1 (SPEC §5), to reproduce its figure; see :class:`PaperDefects` and
+  the README for what each does to the time ratios.
 * ``ift_eps = 1e-6``: high accuracy; with step 0.1 the 500-iteration cap is reached first in
   (nearly) every solve, so IFT is "500 warm-started proximal-gradient steps per upper step".
 """
