@@ -434,7 +434,8 @@ def grid_figure(case_results, image, path, methods):
     cs = [c for c in case_results if c["image"] == image]
     methods = [m for m in methods if any(m in c["images"] for c in cs)]
     cols = ["ground truth"] + methods
-    fig, axes = plt.subplots(len(cs), len(cols), figsize=(1.25 * len(cols), 1.45 * len(cs)), squeeze=False)
+    # 64×64 centre crops shown at about their own resolution (0.8 in at 90 dpi): PNG < 300 KB
+    fig, axes = plt.subplots(len(cs), len(cols), figsize=(0.8 * len(cols), 1.0 * len(cs)), squeeze=False)
     for i, c in enumerate(cs):
         for j, m in enumerate(cols):
             ax = axes[i, j]
@@ -442,11 +443,12 @@ def grid_figure(case_results, image, path, methods):
             x = c["x_true"] if m == "ground truth" else c["images"].get(m)
             if x is None:
                 continue
+            x = _crop(x, 64)
             ax.imshow(x.numpy().transpose(1, 2, 0) if x.shape[0] == 3 else x[0].numpy(), cmap="gray",
                       vmin=0, vmax=1, interpolation="nearest")
             p = _psnr_of(c, m)
             t = (m if i == 0 else "") + ("" if m == "ground truth" else f"\n{p:.2f} dB")
-            ax.set_title(t, fontsize=5)
+            ax.set_title(t, fontsize=4)
         axes[i, 0].text(-0.08, 0.5, c["setting"], transform=axes[i, 0].transAxes, rotation=90, va="center",
                         ha="right", fontsize=6)
     fig.tight_layout(pad=0.2)
@@ -461,25 +463,38 @@ def _save_small(fig, path, figures, dpi=90):
 
 
 def kernels_figure(case_results, path):
+    """Channel 0 of ``b₀``, ``b_true`` and each learned ``b*`` (9×9, shared scale per row), then
+    ``b* − b₀`` of each learned kernel on its own symmetric scale (the moves are ~0.5 %)."""
     import figures
     import matplotlib.pyplot as plt
     cs = [c for c in case_results if c["kernels"] and c["setting"] != "motion"]
     if not cs:
         return
     names = sorted({k for c in cs for k in c["kernels"]})
-    cols = ["b₀", "b_true"] + names
-    fig, axes = plt.subplots(len(cs), len(cols), figsize=(1.3 * len(cols), 1.4 * len(cs)), squeeze=False)
+    cols = ["b₀", "b_true"] + names + [f"{n} − b₀" for n in names]
+    fig, axes = plt.subplots(len(cs), len(cols), figsize=(1.1 * len(cols), 1.2 * len(cs)), squeeze=False)
     for i, c in enumerate(cs):
         k = c["b_true"].shape[-1]
-        ks = {"b₀": P.pad_kernel(c["b0"], k), "b_true": c["b_true"]}
-        ks.update({n: P.pad_kernel(b, max(k, b.shape[-1])) for n, b in c["kernels"].items()})
+        b0 = P.pad_kernel(c["b0"], k)
+        ks = {"b₀": b0, "b_true": c["b_true"]}
+        ks.update({n: P.pad_kernel(b, k) for n, b in c["kernels"].items()})
+        ks.update({f"{n} − b₀": P.pad_kernel(b, k) - b0 for n, b in c["kernels"].items()})
+        hi = max(v.max().item() for n, v in ks.items() if "−" not in n)
         for j, n in enumerate(cols):
             ax = axes[i, j]
             ax.set_xticks([])
             ax.set_yticks([])
             if n in ks:
-                ax.imshow(ks[n][0, 0].double().numpy(), cmap="viridis", interpolation="nearest")
-            ax.set_title((n + "\n" if i == 0 else "") + (c["case"] if j == 0 else ""), fontsize=5)
+                a = ks[n][0, 0].double().numpy()
+                if "−" in n:
+                    m = max(abs(a).max(), 1e-12)
+                    im = ax.imshow(a, cmap="RdBu_r", vmin=-m, vmax=m, interpolation="nearest")
+                    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=3)
+                else:
+                    ax.imshow(a, cmap="viridis", vmin=0, vmax=hi, interpolation="nearest")
+            if i == 0:
+                ax.set_title(n, fontsize=4)
+        axes[i, 0].set_ylabel(c["case"], fontsize=4)
     fig.tight_layout(pad=0.2)
     _save_small(fig, path, figures)
 
