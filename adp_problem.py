@@ -73,8 +73,12 @@ eigenproblems: :func:`operators.conv_operator_norm` with the weights ``1/Q``, ``
    once over all pixels, not once per pixel), and ``‖Ĥ − H̃‖ ≤ 8α max a_p s_p`` (``‖D‖² ≤ 8``).
    Any other ``R``: ``L_H E ‖q̃‖`` and ``L_H E``.
    ``V₃ := ‖(Ĥ − H̃)q̃‖/√μ ≥ ‖(Ĥ − H̃)q̃‖_{Q⁻¹}``.
-4. **Adjoint.**  ``q* − q̂ = H̃⁻¹v₁ + Ĥ⁻¹(Ĥ − H̃)H̃⁻¹∇ₓg(x̂)`` and ``H̃⁻¹∇ₓg(x̂) = q̃ + H̃⁻¹(r − v₁)``.
-   With ``V₄ = (‖Ĥ − H̃‖/μ)(‖r‖_{Q⁻¹} + ‖v₁‖_{Q⁻¹})`` (``≥ ‖(Ĥ − H̃)H̃⁻¹(r − v₁)‖_{Q⁻¹}``) and
+4. **Adjoint.**  ``q* − q̂ = H̃⁻¹v₁ + Ĥ⁻¹(Ĥ − H̃)H̃⁻¹∇ₓg(x̂)`` and ``H̃⁻¹∇ₓg(x̂) = q̃ + u``,
+   ``u = H̃⁻¹(r − v₁)``, with ``uᵀH̃u ≤ ‖r − v₁‖²_{Q⁻¹} ≤ T² := (‖r‖_{Q⁻¹} + ‖v₁‖_{Q⁻¹})²``.
+   ``V₄ ≥ ‖(Ĥ − H̃)u‖_{Q⁻¹}`` is ``c₄T``, ``c₄`` the smaller of ``‖Ĥ − H̃‖/μ`` (``‖u‖ ≤ T/√μ``) and,
+   for ``SmoothedTV``, ``√8 max_p(α a_p s_p/√m'_p)/√μ`` with ``m'_p = ½(αγ²/w̃_p³ + μ/8)``
+   (Cauchy–Schwarz as in item 3 against ``uᵀH̃u ≥ Σ_p (αγ²/w̃_p³)|(Du)_p|²`` and
+   ``uᵀH̃u ≥ μ‖u‖² ≥ (μ/8)‖Du‖²``; for ``γ ≪ α/μ`` this is ``√(γμ/8α)``× the first).  And
    ``K_J = W(r_y) + W_B(x̃) ≥ ‖J̃ᵀQ⁻¹ᐟ²‖`` (``J̃δ = B_δᵀr_y + B_bᵀB_δx̃``, flipping δ is an isometry):
    ``‖J̃ᵀ(q̃ − q̂)‖ = ‖J̃ᵀH̃⁻¹(v₁ − r) + J̃ᵀĤ⁻¹(Ĥ − H̃)(q̃ + H̃⁻¹(r − v₁))‖ ≤ K_J(‖v₁‖_{Q⁻¹} + ‖r‖_{Q⁻¹} + V₃ + V₄)``,
    and ``‖q̂ − q̃‖ ≤ Δq := (‖v₁‖_{Q⁻¹} + ‖r‖_{Q⁻¹} + V₃ + V₄)/√μ``.
@@ -225,8 +229,8 @@ class ADPBetaProblem(BilevelProblem):
         r_y = h.blur.A(x) - self.y
         W_ry = conv_operator_norm(r_y, k, inv_Q)
         W_Bx = conv_operator_norm(x, k, B_over_Q)
-        V3, H_change = self._hessian_change(x, q, kappa, E, mu)
-        V4 = H_change / mu * (Rr + V1)
+        V3, V4_factor = self._hessian_change(x, q, kappa, E, mu)
+        V4 = V4_factor * (Rr + V1)
         inner = V1 + Rr + V3 + V4
         dq = inner / root_mu
         if self._hessian_kills_constants():           # item 7: J̃'s mean part acts on r only, exactly
@@ -255,25 +259,29 @@ class ADPBetaProblem(BilevelProblem):
         return isinstance(self.regulariser, SmoothedTV) and self.regulariser.hessian_lower_bound() == 0
 
     def _hessian_change(self, x, q, kappa: float, E: float, mu: float):
-        """``(V₃, ‖Ĥ − H̃‖ bound)`` of item 3: ``V₃ ≥ ‖(Ĥ − H̃)q̃‖/√μ`` for every ``x̂`` with
-        ``‖x̃ − x̂‖ ≤ E`` and ``(x̃ − x̂)ᵀH̄(x̃ − x̂) ≤ κ²``.  Per-pixel for :class:`SmoothedTV` with
-        float parameters, else from ``R.hessian_lipschitz()``."""
+        """``(V₃, c₄)`` of items 3–4: ``V₃ ≥ ‖(Ĥ − H̃)q̃‖/√μ`` and ``V₄ = c₄(‖r‖_{Q⁻¹} + ‖v₁‖_{Q⁻¹})``, for
+        every ``x̂`` with ``‖x̃ − x̂‖ ≤ E`` and ``(x̃ − x̂)ᵀH̄(x̃ − x̂) ≤ κ²``.  Per-pixel for
+        :class:`SmoothedTV` with float parameters, else from ``R.hessian_lipschitz()``."""
         R = self.regulariser
         if not (isinstance(R, SmoothedTV) and not R.parameters()):
             L_H = R.hessian_lipschitz()
-            return L_H * E * torch.linalg.vector_norm(q).item() / math.sqrt(mu), L_H * E
+            return L_H * E * torch.linalg.vector_norm(q).item() / math.sqrt(mu), L_H * E / mu
         alpha, gamma = R.weight, R.smoothing
         dh, dv = FiniteDifference.A(x)
         w = torch.sqrt(dh * dh + dv * dv + gamma * gamma)
         s = _pixel_difference_bound(w, alpha, gamma, kappa, 2 * E)
-        slope = (2 / math.sqrt(3)) / torch.clamp(w - s, min=gamma) ** 2       # a_p / s_p
+        slope = (2 / math.sqrt(3)) / torch.clamp(w - s, min=gamma) ** 2       # a_p
         qh, qv = FiniteDifference.A(q)
         f = alpha * slope * torch.sqrt(qh * qh + qv * qv)
         per_pixel = torch.linalg.vector_norm(f * s).item()
         if kappa > 0:
             m = 0.5 * (alpha * gamma * gamma / (w + s) ** 3 / kappa**2 + 1 / (8 * E * E))
             per_pixel = min(per_pixel, torch.sqrt(f * f / m).max().item())
-        return math.sqrt(8) * per_pixel / math.sqrt(mu), 8 * alpha * (slope * s).max().item()
+        root_mu = math.sqrt(mu)
+        operator = 8 * alpha * (slope * s).max().item() / mu
+        m_u = 0.5 * (alpha * gamma * gamma / w**3 + mu / 8)
+        energy = math.sqrt(8) * (alpha * slope * s / torch.sqrt(m_u)).max().item() / root_mu
+        return math.sqrt(8) * per_pixel / root_mu, min(operator, energy)
 
     def metrics(self, x, b):
         return {} if self.metrics_fn is None else self.metrics_fn(x)

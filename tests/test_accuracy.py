@@ -279,3 +279,18 @@ def test_local_bound_on_an_image_problem():
 def imaging_images_dir():
     import os
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "images")
+
+
+def test_adp_problem_passes_its_certificate_to_the_lower_solve():
+    """``ADPBetaProblem(certificate='energy').solve_lower`` stops where ``solve_lower(…, 'energy')``
+    stops (same iterate, bit for bit) and earlier than the default float64 gradient test on this
+    problem; an unknown name is refused with the list of valid ones."""
+    from adp_problem import ADPBetaProblem
+    h, b, y = _problem()
+    R = h.regulariser
+    energy = ADPBetaProblem(y, b, R, 0.1, mu0=h.mu0, certificate="energy").solve_lower(b, y, 1e-4, 10000)
+    direct = solve_lower(LowerLevel(b, y, R, h.mu0), y, 1e-4, 10000, certificate="energy")
+    default = ADPBetaProblem(y, b, R, 0.1, mu0=h.mu0).solve_lower(b, y, 1e-4, 10000)
+    assert torch.equal(energy.x, direct.x) and energy.iters == direct.iters < default.iters
+    with pytest.raises(ValueError, match="unknown certificate 'tight'; use one of auto, gradient, energy"):
+        ADPBetaProblem(y, b, R, 0.1, certificate="tight")
