@@ -19,7 +19,8 @@ Mapping of the paper code's normalisations onto ours:
   the number of entries of y), β = 100 on the unsquared H¹ norm (``kernel_penalty = "h1"``, whose
   subgradient at b = b₀ is taken as 0 until the proximal MAID step replaces it).
 * MAID: ε₀ = 1 (δ₀ = ε₀), stop when ε < 10⁻⁶, at most 41 upper iterations, initial step
-  α₀ = 10⁻⁶ (in the paper's scaling of g; with our n-normalisation that would be α₀·n/3),
+  α₀ = 10⁻⁶ on the paper's g (the driver runs MAID on our n-normalised g = g_paper/c, c = n/3,
+  with the step c·α₀, δ₀/c and β/c: the same iterates, see ``ADP.upper_scale``),
   sufficient-decrease constant η² = 10⁻⁸ of the paper's code (our ``eta`` is the constant
   itself), ρ = τ = 0.5, ν = 1.05, ν_α = 10/9 (ADP.py's defaults).
 
