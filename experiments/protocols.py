@@ -84,7 +84,8 @@ SETTINGS = {
 DATA = dict(size_x=256, size_y=256, channels=3, kernel_size=5, blur_sigma=1.0, semiblind_sigma=0.5,
             noise_level=5 / 255, seed=0)
 
-MU0 = 1e-2                 # μ₀ of every lower level here (the package's default)
+MU0_DEFAULT = 1e-2         # μ₀ of every lower level here (the package's default)
+MU0 = MU0_DEFAULT          # the value in use (reproduce_2d --mu0 sets it for a run)
 LOWER_ITER = 3000          # cap on lower iterations per solve (hits are counted)
 CG_ITER = 200              # cap on CG iterations per solve
 
@@ -185,9 +186,10 @@ def make_reg(kind: str, weight: float, smoothing: float):
     return make_regulariser(kind, weight, smoothing)
 
 
-def lower_objective(b, y, kind: str, weight: float, smoothing: float, mu0: float = MU0):
-    """``h(·, b) = ½‖B_b x − y‖² + weight·R_smoothing(x) + (μ₀/2)‖x‖²`` (``kind``: 'tv' | 'tv_aniso')."""
-    return lower_level.LowerLevel(b, y, make_reg(kind, weight, smoothing), mu0)
+def lower_objective(b, y, kind: str, weight: float, smoothing: float, mu0: float | None = None):
+    """``h(·, b) = ½‖B_b x − y‖² + weight·R_smoothing(x) + (μ₀/2)‖x‖²`` (``kind``: 'tv' | 'tv_aniso';
+    ``mu0`` defaults to :data:`MU0`, read at call time)."""
+    return lower_level.LowerLevel(b, y, make_reg(kind, weight, smoothing), MU0 if mu0 is None else mu0)
 
 
 def adp_problem_for(case: Case, kind: str, weight: float, smoothing: float, beta: float,

@@ -80,6 +80,7 @@ dip_iterations = 0         # DIP rows: Adam iterations (0: DIP.py's default)
 fair_beta = 0.0            # β of the fair ADP rows
 fair_threshold = 0.0       # MAID's ε_min in the fair ADP rows
 fair_step0 = 0.0           # MAID's initial step in the fair ADP rows
+mu0 = 0.0                  # μ₀ of every lower level (0: protocols.MU0_DEFAULT = 1e-2)
 DEFAULTS = config.defaults(globals())
 _PROG = "experiments/reproduce_2d.py"
 _QUICK = dict(images="astronaut", size=64, upper_iter=6, dip_iterations=60)
@@ -318,6 +319,7 @@ def run_case(image: str, setting: str, opts: dict, progress=None) -> dict:
     """All selected rows on one case; returns ``{"case", "rows": [...], "skipped": {...}}`` and keeps
     crops of the reconstructions and the learned kernels (tensors) under ``"images"``/``"kernels"``."""
     torch.set_num_threads(opts["threads"])
+    P.MU0 = opts["mu0"] or P.MU0_DEFAULT      # μ₀ of every row of this run (set in each worker process)
     case = P.make_case(image, setting, opts["size"])
     ctx = Context(case, opts)
     results, skipped = [], {}
@@ -538,7 +540,7 @@ def resolve(cfg: dict | None = None, **overrides) -> dict:
     check(opts["size"] >= 16, f"size must be at least 16 (kernels up to 9×9 and the SSIM window), got {opts['size']}")
     check(opts["jobs"] >= 1 and opts["threads"] >= 1, "jobs and threads must be positive integers")
     check(opts["upper_iter"] >= 0, f"upper_iter must be ≥ 0, got {opts['upper_iter']}")
-    for k in ("fair_beta", "fair_threshold", "fair_step0"):
+    for k in ("fair_beta", "fair_threshold", "fair_step0", "mu0"):
         check(opts[k] >= 0 and math.isfinite(opts[k]), f"{k} must be ≥ 0 (0: the fair protocol's value), got {opts[k]}")
     if opts["resume"]:
         check(os.path.isdir(os.path.join(opts["resume"], "cases")),
