@@ -431,7 +431,7 @@ def _report(cfg, run_dir, summary, scores, interrupted) -> None:
               f"{summary['baseline_seconds']:.1f} s; total {summary['total_seconds']:.1f} s")
     if not summary["accepted"] and summary["upper_iterations"]:
         print(f"note: MAID accepted no step in {summary['upper_iterations']} upper iterations: b* = b₀, so the "
-              f"ADP-β-MAID result is {NO_STEP_LABEL} (try a smaller --step or a larger --upper_iter)", file=sys.stderr)
+              f"ADP-β-MAID result is {NO_STEP_LABEL} (stop: {summary['stop_reason']})", file=sys.stderr)
     if summary["lower_cap_hits"]:
         print(f"warning: {summary['lower_cap_hits']} lower-level solves hit lower_iter={cfg['lower_iter']}; their "
               f"accuracy ε is not certified (raise --lower_iter)", file=sys.stderr)
