@@ -13,7 +13,7 @@ import DIP
 from config import ConfigError
 from operators import Blur, kernel_correlation, make_kernel
 
-TINY = dict(size_x=32, size_y=32, width=16, depth=4, iterations=120, es_window=10, es_patience=30, progress=False,
+TINY = dict(generator="convdecoder", size_x=32, size_y=32, width=16, depth=4, iterations=120, es_window=10, es_patience=30, progress=False,
             threads=1)
 
 
@@ -136,7 +136,7 @@ def test_tiny_dip_beats_the_blurry_input_and_resume_after_ctrl_c_reproduces_the_
     (dict(lr=math.nan), "lr must be a positive finite number"),
     (dict(image="no_such_image"), "image 'no_such_image' not found"),
     (dict(generator="gan"), "unknown generator"),
-    (dict(generator="unet", depth=4, size_x=30), "divisible by 8"),
+    (dict(depth=4, size_x=30), "divisible by 8"),
     (dict(es_window=1), "es_window must be an integer ≥ 2"),
     (dict(threads=-1), "threads must be ≥ 0"),
     (dict(widht=8), "unknown setting 'widht'"),
