@@ -24,13 +24,22 @@ ADP paper protocol           ADP-β-MAID as the paper runs it (learned operator,
 TV fair                      isotropic TV, α = 0.005 (chosen once for TV), converged
 ADP fair learned / known     ADP-β-MAID at the fair α with ``A_up = B_b`` / ``A_up = B_{b₀}``
 oracle TV                    fair TV with the true kernel (9×9 motion∘Gaussian for semiblind)
-ADP prox … (9×9)             proximal MAID: b₀ zero-padded to 9×9, kernel on the simplex
-                             and/or the unsquared H¹ by prox (when ``maid`` has a prox step)
-DIP …                        ``--with_dip``: the deep image prior rows (when ``DIP.run`` exists)
+DIP ES-WMV / best iterate    ``--with_dip``: ``DIP.run`` on the same data (known kernel for
+                             motion, simplex-learned kernel for semiblind), at ES-WMV's
+                             selection and at the PSNR-best iterate (an oracle)
 ===========================  ================================================================
 
+Further rows (e.g. issue 17's proximal MAID with the kernel on the simplex, b₀ zero-padded to
+9×9) are one decorated function each: ``@row(name, group, available)`` with ``available()``
+returning why the row cannot run yet (shown by ``--list_rows`` and in ``table.md``).
+
 Columns: PSNR, SSIM, MAID upper iterations (accepted), lower-level and CG iterations, seconds,
-stop reason, ``‖b* − b₀‖/‖b₀‖`` and, for the semiblind settings, ``‖b* − b_true‖/‖b₀ − b_true‖``.
+stop reason, ``‖b* − b₀‖/‖b₀‖`` and, for the semiblind settings, ``‖b* − b_true‖/‖b₀ − b_true‖``;
+for the paper protocol also ``stationarity`` = ‖∇f_data(b₀)‖_{H¹,*}/β (≤ 1: b₀ is a stationary
+point of the paper's upper problem, so no correct descent method moves the kernel).
+
+Options ``fair_beta``, ``fair_threshold``, ``fair_step0`` and ``mu0`` are for sensitivity runs;
+the table's protocols use none of them.
 The rows that warm-start from the fair TV solution (fair ADP, oracle) do not count its
 iterations (the TV fair row does).
 
