@@ -787,6 +787,7 @@ class _Direction:
     descent_ok: bool
     tightenings: int
     check: str
+    G_norm: float = math.nan      # ‖G‖ at the current step (= ‖z‖ without a prox)
 
 
 @dataclass
@@ -800,7 +801,34 @@ class _Trial:
     x: torch.Tensor | None = None
     g: float | None = None
     finite_trials: int = 0        # trials with a finite θ⁺
+    r: float = 0.0                # r(θ⁺) of the last trial (composite objective)
+    r_old: float = 0.0            # r(θ_k)
     moved: bool = False           # some finite θ⁺ differed from θ in floating point
+
+
+class _Composite:
+    """The non-smooth part ``r`` of ``F = f + r`` (SPEC §3, issue 17), or nothing (``prox=None``).
+
+    ``prox`` is any object with ``value(θ) -> float`` (``r(θ)``, ``math.inf`` outside its domain)
+    and ``prox(v, step) -> tensor`` (``prox_{step·r}(v) = argmin_u ½‖u − v‖² + step·r(u)``; e.g.
+    :mod:`prox`).  Without one the trial point is ``θ − αz`` and the "gradient mapping" is ``z``
+    itself, with exactly today's arithmetic."""
+
+    def __init__(self, prox):
+        self.p = prox
+
+    def value(self, theta) -> float:
+        return 0.0 if self.p is None else float(self.p.value(theta))
+
+    def trial(self, theta, z, z_norm: float, step: float):
+        """``(θ⁺, ‖G‖)``: ``θ⁺ = prox_{αr}(θ − αz)`` and ``G = (θ − θ⁺)/α``."""
+        if self.p is None:
+            return theta - step * z, z_norm
+        cand = self.p.prox(theta - step * z, step)
+        if not torch.is_tensor(cand) or cand.shape != theta.shape:
+            raise ValueError(f"{type(self.p).__name__}.prox must return a tensor of the shape of theta "
+                             f"{tuple(theta.shape)}, got {getattr(cand, 'shape', type(cand).__name__)}")
+        return cand, _norm(theta - cand) / step
 
 
 def init_state(problem, theta0: torch.Tensor, x0: torch.Tensor | None, cfg: MAIDConfig) -> MAIDState:
@@ -817,11 +845,15 @@ def init_state(problem, theta0: torch.Tensor, x0: torch.Tensor | None, cfg: MAID
                      delta=cfg.eps0 if cfg.delta0 is None else cfg.delta0, step=cfg.step0)
 
 
-def hypergradient_step(problem, s: MAIDState, cfg: MAIDConfig, count: _Counter, check: bool):
+def hypergradient_step(problem, s: MAIDState, cfg: MAIDConfig, count: _Counter, check: bool,
+                       comp: _Composite | None = None):
     """SPEC §3 step 1: ``x̃_k`` at accuracy ε (reusing the accepted candidate's solve unless a
     tighter ε is asked for), ``z_k`` at δ, and the descent check (tighten ε, δ by τ while
-    :func:`descent_check_decision` says so).  Returns a :class:`_Direction`, or ``None`` on a
-    non-finite solve or hypergradient (the state is then left at the last good point)."""
+    :func:`descent_check_decision` says so), stated for the gradient mapping
+    ``G = (θ − prox_{αr}(θ − αz))/α`` at the current step α (``G = z`` without a prox).  Returns a
+    :class:`_Direction`, or ``None`` on a non-finite solve or hypergradient (the state is then
+    left at the last good point)."""
+    comp = comp or _Composite(None)
     theta, tightenings = s.theta, 0
     x, q, x_eps = s.x, s.q, s.x_eps
     while True:
@@ -834,12 +866,15 @@ def hypergradient_step(problem, s: MAIDState, cfg: MAIDConfig, count: _Counter, 
         if not _finite(x, z, q):
             return None
         zn = _norm(z)
+        if s.step is None:                      # MAIDConfig.step0 = None: a first move of length 1
+            s.step = 1.0 / zn if zn > 0 else 1.0
+        Gn = comp.trial(theta, z, zn, s.step)[1]
         gxn = _norm(problem.upper_grad_x(x, theta))
         consts = problem.error_constants(x, theta)
         omega = error_bound(s.eps, delta, consts, gxn)
-        descent_ok = omega <= (1 - cfg.eta) * zn
+        descent_ok = omega <= (1 - cfg.eta) * Gn
         verdict = "off" if not check else descent_check_decision(
-            omega, zn, s.eps, delta, consts, gxn, cfg.eta, cfg.tau, cfg.max_tightenings - tightenings, cfg.eps_min)
+            omega, Gn, s.eps, delta, consts, gxn, cfg.eta, cfg.tau, cfg.max_tightenings - tightenings, cfg.eps_min)
         if verdict != "tighten":
             break
         s.eps *= cfg.tau
@@ -849,19 +884,23 @@ def hypergradient_step(problem, s: MAIDState, cfg: MAIDConfig, count: _Counter, 
         verdict = f"ok after {tightenings} tightenings"
     elif verdict == "skip: unreachable" and tightenings == cfg.max_tightenings:
         verdict = "capped"
-    return _Direction(x, q, x_eps, z, zn, omega, consts, descent_ok, tightenings, verdict)
+    return _Direction(x, q, x_eps, z, zn, omega, consts, descent_ok, tightenings, verdict, Gn)
 
 
 def line_search(problem, s: MAIDState, cfg: MAIDConfig, count: _Counter, d: _Direction, upper_old: tuple,
-                fixed_step: bool) -> _Trial:
-    """SPEC §3 step 2: trials ``θ⁺ = θ_k − α_k ρⁱ z_k``, ``i < M`` (one trial with ``fixed_step``),
-    each solved at ``ε_k`` from ``x̃_k`` and accepted by :func:`sufficient_decrease`.  A trial
-    with a non-finite θ⁺, solve or loss fails (the search backtracks)."""
+                fixed_step: bool, comp: _Composite | None = None) -> _Trial:
+    """SPEC §3 step 2: trials ``θ⁺ = prox_{αr}(θ_k − α z_k)``, ``α = α_k ρⁱ``, ``i < M`` (one trial
+    with ``fixed_step``; ``θ⁺ = θ_k − α z_k`` without a prox), each solved at ``ε_k`` from ``x̃_k``
+    and accepted by :func:`sufficient_decrease` on the composite objective (``r`` added exactly
+    to both sides, ``‖G‖`` in place of ``‖z‖``; see :func:`maid`).  A trial with a non-finite
+    θ⁺, solve or loss fails (the search backtracks)."""
+    comp = comp or _Composite(None)
     g_old, gx_old, Lg_old = upper_old
+    r_old = comp.value(s.theta) if comp.p is not None else 0.0
     trial = _Trial(False, s.step, 0)
     for i in range(1 if fixed_step else cfg.max_backtracks):
         step = s.step * cfg.rho**i
-        cand = s.theta - step * d.z
+        cand, Gn = comp.trial(s.theta, d.z, d.z_norm, step)
         trial.step, trial.backtracks = step, i
         if not _finite(cand):                       # a non-finite trial point is a failed trial
             continue
@@ -873,15 +912,22 @@ def line_search(problem, s: MAIDState, cfg: MAIDConfig, count: _Counter, d: _Dir
         g_new, gx_new, Lg_new = _upper_terms(problem, low_new.x, cand)
         if not math.isfinite(g_new):
             continue
-        if fixed_step or sufficient_decrease(g_new, gx_new, Lg_new, g_old, gx_old, Lg_old,
-                                             s.eps, cfg.eta, step, d.z_norm):
+        if comp.p is None:
+            ok = sufficient_decrease(g_new, gx_new, Lg_new, g_old, gx_old, Lg_old, s.eps, cfg.eta, step, Gn)
+        else:
+            r_new = comp.value(cand)
+            trial.r = r_new
+            ok = sufficient_decrease(g_new + r_new, gx_new, Lg_new, g_old + r_old, gx_old, Lg_old,
+                                     s.eps, cfg.eta, step, Gn)
+        if fixed_step or ok:
             trial.accepted, trial.theta, trial.x, trial.g = True, cand, low_new.x, g_new
             break
+    trial.r_old = r_old
     return trial
 
 
 def update(problem, s: MAIDState, cfg: MAIDConfig, d: _Direction, trial: _Trial, g_old: float,
-           fixed_step: bool, check: bool, t0: float) -> dict:
+           fixed_step: bool, check: bool, t0: float, composite: bool = False) -> dict:
     """SPEC §3 step 3: accepted — ``θ_{k+1} = θ⁺``, ``ε, δ ← νε, νδ``, ``α ← ν_α α``; rejected —
     ``θ`` kept, ``ε, δ ← τε, τδ``.  Appends and returns the iteration's log record."""
     if trial.accepted:
@@ -903,29 +949,31 @@ def update(problem, s: MAIDState, cfg: MAIDConfig, d: _Direction, trial: _Trial,
                   cg_iters=s.cg_iters, lower_cap_hits=s.lower_cap_hits, cg_cap_hits=s.cg_cap_hits, time=s.elapsed)
     if check:
         record["check"] = d.check
+    if composite:                 # F = g + r at the (new) iterate, and ‖G‖ at the step of step 1
+        record["objective"] = record["upper_loss"] + (trial.r if trial.accepted else trial.r_old)
+        record["grad_map_norm"] = d.G_norm
     record.update(problem.metrics(s.x, s.theta))
     s.log.append(record)
     return record
 
 
-def _iteration(problem, s: MAIDState, cfg: MAIDConfig, count: _Counter, fixed_step: bool, check: bool):
+def _iteration(problem, s: MAIDState, cfg: MAIDConfig, count: _Counter, fixed_step: bool, check: bool,
+               comp: _Composite):
     """One upper iteration (steps 1–3).  Returns ``(stop_reason or None, record or None)``."""
     t0 = time.perf_counter()
-    d = hypergradient_step(problem, s, cfg, count, check)
+    d = hypergradient_step(problem, s, cfg, count, check, comp)
     if d is None:
         return "non_finite", None
     s.x, s.q, s.x_eps = d.x, d.q, d.x_eps
-    if d.z_norm <= cfg.grad_tol:
+    if d.G_norm <= cfg.grad_tol:
         return "converged", None
-    if s.step is None:                          # MAIDConfig.step0 = None: a first move of length 1
-        s.step = 1.0 / d.z_norm
     upper_old = _upper_terms(problem, d.x, s.theta, d.consts.L_g)
     if not math.isfinite(upper_old[0]):
         return "non_finite", None
-    trial = line_search(problem, s, cfg, count, d, upper_old, fixed_step)
+    trial = line_search(problem, s, cfg, count, d, upper_old, fixed_step, comp)
     if fixed_step and not trial.accepted:       # the only trial point was not finite
         return "non_finite", None
-    record = update(problem, s, cfg, d, trial, upper_old[0], fixed_step, check, t0)
+    record = update(problem, s, cfg, d, trial, upper_old[0], fixed_step, check, t0, comp.p is not None)
     stalled = trial.finite_trials > 0 and not trial.moved      # θ − αz rounds to θ for every trial
     if not trial.accepted and (s.rejected_in_row >= cfg.patience or stalled):
         return "no_progress", record
@@ -948,7 +996,7 @@ def _warn_if_never_moved(stop: str, s: MAIDState) -> None:
 def maid(problem, theta0: torch.Tensor | None = None, x0: torch.Tensor | None = None,
          config: MAIDConfig | None = None, state: MAIDState | None = None,
          callback: Callable[[dict, MAIDState], bool | None] | None = None,
-         fixed_step: bool = False) -> MAIDResult:
+         fixed_step: bool = False, prox=None) -> MAIDResult:
     """Run MAID from ``(theta0, x0)`` (``x0`` defaults to ``problem.initial_x(theta0)``), or
     continue from ``state``.
 
@@ -957,6 +1005,27 @@ def maid(problem, theta0: torch.Tensor | None = None, x0: torch.Tensor | None = 
     with the log record just appended; returning ``True`` stops the run (reason ``'callback'``).
     With ``fixed_step=True`` the method is inexact gradient descent (see
     :func:`inexact_gradient_descent`).  Stop reasons: :data:`STOP_REASONS` (module docstring).
+
+    **Inexact proximal MAID** (``prox`` given: an object with ``value(θ)`` and ``prox(v, α)``, e.g.
+    :mod:`prox`): ``min_θ F(θ) = f(θ) + r(θ)`` with r convex, possibly non-smooth.  Trial points
+    ``θ⁺ = prox_{αr}(θ − αz)``, gradient mapping ``G = (θ − θ⁺)/α``, and the test
+
+        [g(x̃⁺) + ‖∇ₓg(x̃⁺)‖ε + L_gε²/2 + r(θ⁺)] − [g(x̃) − ‖∇ₓg(x̃)‖ε − L_gε²/2 + r(θ)] ≤ −ηα‖G‖².
+
+    Derivation: ``‖x̃ − x̂‖ ≤ ε`` and the L_g-smoothness of g in x give
+    ``|g(x̃, θ) − f(θ)| ≤ ‖∇ₓg(x̃)‖ε + L_gε²/2`` (Taylor at x̃), so the first bracket bounds
+    ``F(θ⁺)`` from above and the second bounds ``F(θ)`` from below, r being evaluated exactly;
+    an accepted step thus decreases the exact F by at least ``ηα‖G‖²``.  This is the
+    proximal-gradient sufficient decrease (for exact ``z = ∇f`` and ``α ≤ 1/L_f`` the prox
+    inequality ``r(θ⁺) ≤ r(θ) − ⟨G − z, θ − θ⁺⟩`` and the descent lemma give
+    ``F(θ⁺) ≤ F(θ) − α(1 − αL_f/2)‖G‖²``, so small steps pass when ε, δ are small).  With ``r = 0``,
+    ``G = z`` and the test is SPEC §3's; ``prox=None`` runs today's arithmetic exactly.  ε, δ and
+    α adapt as in MAID.  The descent check compares ω with ``‖G‖`` at the current step:
+    since ``prox`` is non-expansive, the gradient mapping built from ``∇f`` differs from G by at
+    most ω, so ``ω ≤ (1 − η)‖G‖`` keeps it non-zero and aligned.  'converged' means
+    ``‖G‖ ≤ grad_tol``.  The log adds ``objective`` (``g + r`` at the iterate) and
+    ``grad_map_norm``.  An inexact prox (returned point not the exact minimiser) keeps the test
+    valid, since both sides are evaluated at the point actually returned.
     """
     cfg = config or MAIDConfig()
     cfg.validate()
@@ -968,13 +1037,14 @@ def maid(problem, theta0: torch.Tensor | None = None, x0: torch.Tensor | None = 
     s = state
     checked = _Checked(problem, s.theta, s.x)
     count = _Counter(checked, s, cfg)
+    comp = _Composite(prox)
     check = cfg.descent_check and not fixed_step
     stop = "max_iter"
     while s.k < cfg.max_iter:
         if s.eps < cfg.eps_min:
             stop = "eps_min"
             break
-        reason, record = _iteration(checked, s, cfg, count, fixed_step, check)
+        reason, record = _iteration(checked, s, cfg, count, fixed_step, check, comp)
         if record is not None and callback is not None and callback(record, s):
             reason = reason or "callback"
         if reason is not None:
