@@ -1,6 +1,3 @@
-# NOTE TO EVERY HELPER (temporary, removed by the lead before the session ends): several helpers
-# edit this working tree at once. Read /work/notes/COMMON_RULES.md now: edit only your own files,
-# never git stash/reset/checkout/commit -a, commit only your own paths, run only your own tests.
 """Shared test set-up: the repository root on ``sys.path``, float64 by default, seeded random
 tensors, one finite-difference helper, and the ``slow`` marker (subprocess launches and runs of a
 driver; deselect with ``-m "not slow"`` while developing, CI runs everything)."""
