@@ -1,6 +1,6 @@
 """Shared definitions of the 2D reproduction study (SPEC §4.2, §5): data cases, the paper's
 protocol mapped onto this package's normalisation, the fair protocol, and the small pieces the
-experiment scripts share (kernel composition, the unsquared H¹ penalty, the paper's step rule).
+experiment scripts share (kernel composition, the H¹ dual norm, the paper's step rule).
 
 Used by ``experiments/reproduce_2d.py`` (the table) and ``experiments/maid_vs_ift_2d.py`` (the
 cost comparison).  Everything is built from the library (``imaging.make_data``, the
@@ -43,10 +43,10 @@ What the paper protocol keeps of the paper's code, and what it does not (SPEC §
   reaches the optimiser (here the accepted step is the one taken); the paper's tiny fixed step
   inside MAID's lower solves (ours are certified FISTA solves, ``‖∇h‖ ≤ μ ε``, with μ₀ = 10⁻² as
   everywhere in the package, so the paper's lower level is strongly convex for every kernel).
-* the unsquared H¹ norm is non-differentiable at ``b = b₀``: :class:`UnsquaredH1` uses its
-  gradient away from ``b₀`` and the subgradient 0 at ``b₀`` (the minimal-norm subgradient when
-  the data term's gradient is inside the subdifferential ball is not needed for MAID's first
-  step, which moves ``b`` off ``b₀`` along the data gradient).
+* the unsquared H¹ norm is non-differentiable at ``b = b₀``: the paper row uses the driver's
+  ``ADP.UnsquaredH1Problem`` (:func:`operators.h1_norm`, its gradient away from ``b₀`` and the
+  subgradient 0 at ``b₀``), as the paper's code descends it with plain (sub)gradient steps; the
+  proximal rows of ``reproduce_2d.py`` handle the norm exactly with proximal MAID.
 
 **The fair protocol.**  Isotropic smoothed TV with the package's grid-searched weight
 α = 0.005, γ = 0.01 (chosen once, for TV, on 128×128 data; never tuned per row or image),
@@ -68,7 +68,6 @@ import adp_problem
 import lower_level
 import maid as maid_mod
 from imaging import make_data, setting_kernels
-from maid import BilevelProblem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES_DIR = os.path.join(ROOT, "images")
@@ -193,84 +192,33 @@ def lower_objective(b, y, kind: str, weight: float, smoothing: float, mu0: float
 
 
 def adp_problem_for(case: Case, kind: str, weight: float, smoothing: float, beta: float,
-                    upper_operator: str = "learned", b0=None, known_kernel=None, metrics_fn=None):
-    """``ADPBetaProblem`` on ``case`` (``b0`` defaults to the case's known kernel; ``known_kernel``
-    is ``A``'s kernel for ``upper_operator='known'``, default ``b₀``)."""
-    return adp_problem.ADPBetaProblem(case.y, case.b0 if b0 is None else b0, make_reg(kind, weight, smoothing), beta,
-                                      mu0=MU0, upper_operator=upper_operator, known_kernel=known_kernel,
-                                      metrics_fn=metrics_fn)
-
-
-def h1_norm(b: torch.Tensor, b0: torch.Tensor) -> torch.Tensor:
-    """Unsquared ``‖b − b₀‖_{H¹} = sqrt(‖d‖² + ‖D_h d‖² + ‖D_v d‖²)`` (the paper's penalty)."""
-    from operators import h1_penalty
-    return torch.sqrt(h1_penalty(b, b0))
-
-
-def h1_norm_grad(b: torch.Tensor, b0: torch.Tensor) -> torch.Tensor:
-    """``∇‖b − b₀‖_{H¹} = ∇‖·‖²_{H¹} / (2‖b − b₀‖_{H¹})`` for ``b ≠ b₀``; the subgradient 0 at ``b = b₀``."""
-    from operators import h1_penalty_grad
-    nrm = h1_norm(b, b0)
-    if nrm.item() == 0.0:
-        return torch.zeros_like(b)
-    return h1_penalty_grad(b, b0) / (2 * nrm)
-
-
-def h1_gram(k: int, dtype=torch.float64) -> torch.Tensor:
-    """The k²×k² matrix ``M = I + D_hᵀD_h + D_vᵀD_v`` of ``‖d‖²_{H¹} = dᵀMd`` on one k×k kernel
-    (the differences of :class:`operators.FiniteDifference`), built column by column."""
-    from operators import FiniteDifference
-    E = torch.eye(k * k, dtype=dtype).reshape(k * k, k, k)
-    return (E + FiniteDifference.A_adjoint(*FiniteDifference.A(E))).reshape(k * k, k * k).T
+                    upper_operator: str = "learned", b0=None, known_kernel=None, metrics_fn=None,
+                    kernel_penalty: str = "h1_squared"):
+    """ADP-β on ``case`` (``b0`` defaults to the case's known kernel; ``known_kernel`` is ``A``'s
+    kernel for ``upper_operator='known'``, default ``b₀``).  ``kernel_penalty``: ``h1_squared`` →
+    ``adp_problem.ADPBetaProblem`` (β‖b − b₀‖²_{H¹}); ``h1`` → ``ADP.UnsquaredH1Problem`` (the
+    driver's unsquared β‖b − b₀‖_{H¹} on :func:`operators.h1_norm`, subgradient 0 at ``b₀``)."""
+    if kernel_penalty == "h1_squared":
+        cls = adp_problem.ADPBetaProblem
+    elif kernel_penalty == "h1":
+        from ADP import UnsquaredH1Problem as cls
+    else:
+        raise ValueError(f"unknown kernel_penalty {kernel_penalty!r}; use h1_squared or h1")
+    return cls(case.y, case.b0 if b0 is None else b0, make_reg(kind, weight, smoothing), beta, mu0=MU0,
+               upper_operator=upper_operator, known_kernel=known_kernel, metrics_fn=metrics_fn)
 
 
 def h1_dual_norm(z: torch.Tensor) -> float:
-    """``max_d ⟨z, d⟩/‖d‖_{H¹} = sqrt(Σ_c z_cᵀ M⁻¹ z_c)`` (:func:`h1_gram`), attained at ``d = M⁻¹z``.
+    """``max_d ⟨z, d⟩/‖d‖_{H¹} = sqrt(Σ_c z_cᵀ M⁻¹ z_c)`` with ``M`` = :func:`prox.h1_matrix` (the Gram
+    matrix of the library's H¹ norm, :func:`operators.h1_norm`), attained at ``d = M⁻¹z``.
 
     ``b₀`` is a stationary point of ``f_data(b) + β‖b − b₀‖_{H¹}`` exactly when
     ``‖∇f_data(b₀)‖_{H¹,*} ≤ β`` (``−∇f_data(b₀)`` lies in the subdifferential ``β·{Mu : uᵀMu ≤ 1}``
     of the penalty at ``b₀``): then no step, of any length, leaves ``b₀`` downhill to first order."""
+    from prox import h1_matrix
     k = z.shape[-1]
     zz = z.reshape(z.shape[0], k * k).to(torch.float64).T
-    return math.sqrt(torch.sum(zz * torch.linalg.solve(h1_gram(k), zz)).item())
-
-
-class UnsquaredH1(BilevelProblem):
-    """``inner`` (a problem whose upper level has no kernel penalty, β = 0) plus
-    ``β ‖b − b₀‖_{H¹}`` (unsquared) in ``g``; every other method is ``inner``'s.
-
-    The penalty does not depend on ``x``, so ``∇ₓg``, ``L_g`` and the error constants are
-    ``inner``'s, and ``∂_b g`` gains ``β ∇‖b − b₀‖_{H¹}`` (:func:`h1_norm_grad`)."""
-
-    def __init__(self, inner, beta: float, b0: torch.Tensor):
-        self.inner, self.beta, self.b0 = inner, beta, b0
-
-    def solve_lower(self, theta, x0, eps, max_iter):
-        return self.inner.solve_lower(theta, x0, eps, max_iter)
-
-    def upper_loss(self, x, theta):
-        return self.inner.upper_loss(x, theta) + self.beta * h1_norm(theta, self.b0)
-
-    def upper_grad_x(self, x, theta):
-        return self.inner.upper_grad_x(x, theta)
-
-    def upper_grad_theta(self, x, theta):
-        return self.inner.upper_grad_theta(x, theta) + self.beta * h1_norm_grad(theta, self.b0)
-
-    def hessian_vp(self, x, theta, v):
-        return self.inner.hessian_vp(x, theta, v)
-
-    def mixed_vjp(self, x, theta, q):
-        return self.inner.mixed_vjp(x, theta, q)
-
-    def error_constants(self, x, theta):
-        return self.inner.error_constants(x, theta)
-
-    def upper_lipschitz(self, x, theta):
-        return self.inner.upper_lipschitz(x, theta)
-
-    def metrics(self, x, theta):
-        return self.inner.metrics(x, theta)
+    return math.sqrt(torch.sum(zz * torch.linalg.solve(h1_matrix(k), zz)).item())
 
 
 # --------------------------------------------------------------------------------------------

@@ -196,13 +196,14 @@ def _adp_paper(ctx):
     from maid import maid
     case = ctx.case
     m = P.paper_upper_mapping(case.n)
-    inner = P.adp_problem_for(case, P.PAPER["tv_kind"], P.PAPER["tv_weight"], P.PAPER["tv_smoothing"], 0.0,
-                              "learned")
-    problem = P.UnsquaredH1(inner, m["beta"], case.b0)
+    problem = P.adp_problem_for(case, P.PAPER["tv_kind"], P.PAPER["tv_weight"], P.PAPER["tv_smoothing"], m["beta"],
+                                "learned", kernel_penalty="h1")
     cfg = P.paper_maid_config(case.n, _upper_iter(ctx, P.PAPER["upper_iter"]))
     res, sec = _timed(lambda: maid(problem, case.b0.clone(), case.y.clone(), cfg))
     out = _maid_columns(ctx, "ADP paper protocol", res, sec)
-    return dict(out, stationarity=_b0_stationarity(inner, case, m["beta"]))
+    data_only = P.adp_problem_for(case, P.PAPER["tv_kind"], P.PAPER["tv_weight"], P.PAPER["tv_smoothing"], 0.0,
+                                  "learned")
+    return dict(out, stationarity=_b0_stationarity(data_only, case, m["beta"]))
 
 
 def _b0_stationarity(inner, case, beta) -> float:
@@ -342,15 +343,31 @@ def run_case(image: str, setting: str, opts: dict, progress=None) -> dict:
         if progress is not None:
             progress(r.name)
     return {"case": case.name, "image": image, "setting": setting, "rows": results, "skipped": skipped,
-            "images": {k: _crop(v) for k, v in ctx.images.items()}, "kernels": ctx.kernels,
-            "x_true": _crop(case.x_true), "b0": case.b0, "b_true": case.b_true}
+            "images": {k: _thumb(v) for k, v in ctx.images.items() if k in _grid_rows(ROWS)},
+            "kernels": {k: v.float().cpu() for k, v in ctx.kernels.items()},
+            "x_true": _thumb(case.x_true), "b0": case.b0, "b_true": case.b_true}
 
 
-def _crop(x, side=96):
+THUMB = 48   # side of the stored centre crops (uint8): ~7 KB per image, cases/*.pt stay below 100 KB
+
+
+def _crop(x, side=THUMB):
     H, W = x.shape[-2:]
     s = min(side, H, W)
     i, j = (H - s) // 2, (W - s) // 2
-    return x[..., i:i + s, j:j + s].detach().clamp(0, 1).float().cpu()
+    x = x[..., i:i + s, j:j + s].detach().cpu()
+    return x.float() / 255 if x.dtype == torch.uint8 else x.clamp(0, 1).float()
+
+
+def _thumb(x):
+    """The centre crop the grid shows, as uint8 (what ``cases/*.pt`` keeps of a reconstruction)."""
+    return (_crop(x) * 255).round().to(torch.uint8)
+
+
+def _grid_rows(rows) -> list[str]:
+    """The rows shown in the figure grids (the data row 'blurry' and every method but the
+    intermediate paper controls)."""
+    return [n for n, r in rows.items() if n not in ("TV paper 300 it", "TV paper reg. converged")]
 
 
 def _run_one(args):
@@ -445,7 +462,7 @@ def grid_figure(case_results, image, path, methods):
     cs = [c for c in case_results if c["image"] == image]
     methods = [m for m in methods if any(m in c["images"] for c in cs)]
     cols = ["ground truth"] + methods
-    # 64×64 centre crops shown at about their own resolution (0.8 in at 90 dpi): PNG < 300 KB
+    # THUMB×THUMB centre crops shown at about their own resolution (0.8 in at 90 dpi): PNG < 300 KB
     fig, axes = plt.subplots(len(cs), len(cols), figsize=(0.8 * len(cols), 1.0 * len(cs)), squeeze=False)
     for i, c in enumerate(cs):
         for j, m in enumerate(cols):
@@ -454,7 +471,7 @@ def grid_figure(case_results, image, path, methods):
             x = c["x_true"] if m == "ground truth" else c["images"].get(m)
             if x is None:
                 continue
-            x = _crop(x, 64)
+            x = _crop(x)
             ax.imshow(x.numpy().transpose(1, 2, 0) if x.shape[0] == 3 else x[0].numpy(), cmap="gray",
                       vmin=0, vmax=1, interpolation="nearest")
             p = _psnr_of(c, m)
@@ -631,8 +648,7 @@ def run(cfg: dict | None = None, **overrides) -> dict:
     figures.save_csv(os.path.join(run_dir, "table.csv"), rows_flat)
     md = markdown_table(case_results, names)
     figures._atomic(os.path.join(run_dir, "table.md"), lambda tmp: open(tmp, "w").write(md))
-    grid_methods = [n for n in names if ROWS[n].group != "data" or n == "blurry"]
-    grid_methods = [n for n in grid_methods if n not in ("TV paper 300 it", "TV paper reg. converged")]
+    grid_methods = [n for n in _grid_rows(ROWS) if n in names]
     for im in opts["_images"]:
         grid_figure(case_results, im, os.path.join(run_dir, f"grid_{im}.png"), grid_methods)
     kernels_figure(case_results, os.path.join(run_dir, "kernels.png"))
