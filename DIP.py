@@ -342,32 +342,15 @@ def iterate(st: DIPState, cfg: dict, y, b0, x_true, bar) -> str:
 # ------------------------------------------------------------------------------------------
 # configuration and checkpoint
 # ------------------------------------------------------------------------------------------
-def _load_checkpoint(resume_path: str) -> dict:
-    path = os.path.join(resume_path, "checkpoint.pt") if os.path.isdir(resume_path) else resume_path
-    check(os.path.isfile(path), f"no checkpoint at {resume_path!r}; give the checkpoint.pt of an interrupted run")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if not (isinstance(ckpt["config"], dict) and isinstance(ckpt.get("state"), dict) and "net" in ckpt["state"]):
-            raise TypeError("no config/state dictionaries")
-    except Exception as e:  # noqa: BLE001  (any unreadable file)
-        raise ConfigError(f"{path!r} is not a readable DIP.py checkpoint ({type(e).__name__}); give the "
-                          f"checkpoint.pt that DIP.py wrote")
-    return ckpt
-
-
 def resolve_config(given: dict) -> tuple[dict, dict | None]:
     """``(cfg, checkpoint)``: the defaults updated with ``given``; with ``resume``, the checkpoint's
-    saved settings instead, of which only ``_RESUME_OVERRIDES`` may differ."""
+    saved settings instead, of which only ``_RESUME_OVERRIDES`` may differ
+    (:func:`config.resume_config`)."""
     cfg = config.resolve(DEFAULTS, given)
     if not cfg["resume"]:
         return cfg, None
-    ckpt = _load_checkpoint(cfg["resume"])
-    saved = config.resolve(DEFAULTS, {k: v for k, v in ckpt["config"].items() if k in DEFAULTS and k not in _RUN_LOCAL})
-    changed = sorted(k for k in given if k not in _RESUME_OVERRIDES and cfg[k] != saved[k])
-    check(not changed, f"--resume continues a run with its saved settings; only "
-                       f"{', '.join('--' + k for k in _RESUME_OVERRIDES)} may be given with it, not "
-                       f"{', '.join('--' + k for k in changed)} (start a new run to change them)")
-    return saved | {k: cfg[k] for k in _RUN_LOCAL} | {k: cfg[k] for k in _RESUME_OVERRIDES if k in given}, ckpt
+    ckpt = config.load_checkpoint(cfg["resume"], PROG, state_keys=("net",))
+    return config.resume_config(DEFAULTS, given, ckpt["config"], _RUN_LOCAL, _RESUME_OVERRIDES), ckpt
 
 
 def _say(cfg: dict, *args, **kw) -> None:

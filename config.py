@@ -37,7 +37,7 @@ import sys
 
 __all__ = ["ConfigError", "apply_overrides", "parse_value", "fail", "check", "finite_positive", "valid_seed",
            "check_writable", "make_run_dir",
-           "setting_names", "defaults", "load_preset", "resolve", "parse_argv"]
+           "setting_names", "defaults", "load_preset", "resolve", "parse_argv", "load_checkpoint", "resume_config"]
 
 
 class ConfigError(ValueError):
@@ -246,3 +246,50 @@ def parse_argv(defaults_: dict, argv: list[str], renamed: dict | None = None) ->
             _renamed_error(arg[2:].partition("=")[0], renamed)
     explicit.update(apply_overrides(ns, flags, list(defaults_)))
     return ns, explicit
+
+
+# --------------------------------------------------------------------------------------------
+# resuming a run from its checkpoint (shared by the drivers)
+# --------------------------------------------------------------------------------------------
+def load_checkpoint(path: str, prog: str, state_keys: tuple = ()) -> dict:
+    """The checkpoint a driver wrote: ``path`` is its ``checkpoint.pt`` or the run folder holding
+    it.  It must be a dict with a ``config`` dict and a ``state`` dict holding ``state_keys``;
+    anything else (missing file, not a torch file, another shape) raises :class:`ConfigError`
+    naming ``prog``.  Loaded on the CPU with ``weights_only=False`` (the drivers' own files hold
+    plain Python objects next to tensors)."""
+    import torch
+
+    file = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    check(os.path.isfile(file), f"no checkpoint at {path!r}; give the checkpoint.pt of an interrupted run")
+    try:
+        ckpt = torch.load(file, map_location="cpu", weights_only=False)
+        if not (isinstance(ckpt["config"], dict) and isinstance(ckpt.get("state"), dict)
+                and all(k in ckpt["state"] for k in state_keys)):
+            raise TypeError("no config/state dictionaries")
+    except Exception as e:  # noqa: BLE001  (any unreadable file)
+        raise ConfigError(f"{file!r} is not a readable {prog} checkpoint ({type(e).__name__}); give the "
+                          f"checkpoint.pt that {prog} wrote") from None
+    return ckpt
+
+
+def resume_config(defaults_: dict, given: dict, saved: dict, run_local: tuple, overridable: tuple,
+                  renamed: dict | None = None) -> dict:
+    """The configuration of a resumed run.
+
+    ``saved`` (a checkpoint's config; old names translated by ``renamed``, names no longer in
+    ``defaults_`` and the ``run_local`` ones dropped) gives every setting, except: the
+    ``run_local`` settings (where to write, device, threads, progress, …) come from ``given`` or
+    the defaults, never from the checkpoint; the ``overridable`` ones (``run_local`` plus e.g. the
+    iteration budget) come from ``given`` where given.  Any other setting given with a value that
+    differs from the saved one raises :class:`ConfigError` naming it (a resumed run continues the
+    same computation; a new one must be started to change it); given with the saved value, it is
+    accepted.
+    """
+    cfg = resolve(defaults_, given, renamed)
+    saved = {(renamed or {}).get(k, k): v for k, v in saved.items()}
+    saved = resolve(defaults_, {k: v for k, v in saved.items() if k in defaults_ and k not in run_local})
+    changed = sorted(k for k in given if k not in overridable and cfg[k] != saved[k])
+    check(not changed, f"--resume continues a run with its saved settings; only "
+                       f"{', '.join('--' + k for k in overridable)} may be given with it, not "
+                       f"{', '.join('--' + k for k in changed)} (start a new run to change them)")
+    return saved | {k: cfg[k] for k in run_local} | {k: cfg[k] for k in overridable if k in given}

@@ -69,6 +69,7 @@ import torch  # noqa: E402
 import ADP  # noqa: E402
 import DIP  # noqa: E402
 import figures  # noqa: E402
+from imaging import image_path  # noqa: E402
 
 
 def effective(cfg: dict, given: dict) -> dict:
@@ -92,8 +93,7 @@ def plan(cfg: dict) -> list[dict]:
     semiblind = config.load_preset(SEMIBLIND_PRESET, DIP.DEFAULTS)
     cases = []
     for image in imgs:
-        known = os.path.isfile(image) or os.path.isfile(os.path.join(DIP._IMAGES, image + ".png"))
-        check(known, f"image {image!r} is neither a bundled sample (astronaut, coffee, chelsea, rocket) nor a file")
+        image_path(image, DIP._IMAGES)                     # ConfigError naming the samples if missing
         for setting in sets:
             dip = {"image": image, "setting": setting, "threads": cfg["threads"], "progress": False}
             if setting == "semiblind":

@@ -150,3 +150,21 @@ def test_bad_input_refused_in_one_line_and_nothing_written(tmp_path, overrides, 
         DIP.run(overrides, results_dir=str(out), progress=False)
     assert "\n" not in str(err.value)
     assert not out.exists()
+
+
+def test_resume_refuses_another_drivers_checkpoint_and_a_changed_setting(tmp_path):
+    """Through config.load_checkpoint/resume_config: a checkpoint without DIP weights (e.g.
+    ADP.py's) is not a DIP.py checkpoint; a resume may not change a saved setting (only the
+    iteration budget and run-local ones); both refused before anything is written."""
+    out = tmp_path / "results"
+    adp_like = tmp_path / "adp.pt"
+    torch.save({"config": dict(DIP.DEFAULTS), "state": {"theta": torch.zeros(3)}}, adp_like)
+    with pytest.raises(ConfigError, match="not a readable DIP.py checkpoint"):
+        DIP.run(resume=str(adp_like), results_dir=str(out), progress=False)
+    dip_like = tmp_path / "dip.pt"
+    torch.save({"config": dict(DIP.DEFAULTS, lr=0.02), "state": {"net": {}}}, dip_like)
+    with pytest.raises(ConfigError, match=r"only --results_dir.*--iterations, --stop_early.*not --lr"):
+        DIP.run(resume=str(dip_like), lr=0.01, results_dir=str(out), progress=False)
+    cfg, _ = DIP.resolve_config({"resume": str(dip_like), "iterations": 7, "results_dir": str(out)})
+    assert (cfg["lr"], cfg["iterations"], cfg["results_dir"]) == (0.02, 7, str(out))
+    assert not out.exists()
