@@ -1,7 +1,7 @@
 """DIP speed: time per DIP iteration and the cost of early stopping relative to it.
 
-Run from the repository root (CPU by default, DIP.py's default configuration: 3×128×128,
-ConvDecoder width 64, depth 6, float32)::
+Run from the repository root (device auto, DIP.py's default configuration at run time: 3×128×128,
+UNet widths 16…128 over 4 scales, float32; the header line names what was measured)::
 
     python benchmarks/bench_dip.py [--size 128] [--threads 2] [--repeats 7] [--block 10] [--device auto]
 
