@@ -484,7 +484,16 @@ class FieldsOfExperts(Regulariser):
     for the full convolution, of which both boundary choices are restrictions; then Cauchy–Schwarz
     over channels):
 
-    * ``L_R = e^c Σ_j |w_j| n_j² e^{−s/2}`` (``|φ''| ≤ ε^{−1/2}``);
+    * ``L_R = e^c e^{−s/2} P̄`` (``|φ''| ≤ ε^{−1/2}``) with ``P̄ ≥ ‖Σ_j |w_j| K_jᵀK_j‖``, the
+      **joint frequency bound** (:meth:`filter_bank_norm_bound`): ``Σ_j |w_j| K_jᵀK_j`` for the
+      full convolution is, per frequency ω, the C×C matrix ``Σ_j |w_j| f̂_j(ω)^* f̂_j(ω)ᵀ``, whose
+      norm is at most its trace ``P(ω) = Σ_j |w_j| ‖f̂_j(ω)‖²``, a non-negative trigonometric
+      polynomial of degree ``d = k − 1`` in each variable.  On an M×M grid every ω is within
+      ``π/M`` of a node per coordinate, and Bernstein's inequality ``‖∂_i P‖_∞ ≤ d ‖P‖_∞`` gives
+      ``‖P‖_∞ ≤ max_grid P / (1 − 2πd/M)``.  Both boundary choices are restrictions of the full
+      convolution, so the bound holds for them.  For 10 random unit-norm 7×7 filters it is about
+      16× smaller than the per-filter ℓ₁ bound ``Σ_j |w_j| n_j²`` (which it replaced), and the
+      lower-level step ``1/L`` grows accordingly;
     * ``hessian_lipschitz = e^c Σ_j |w_j| n_j³ c₃ e^{−s}``, ``c₃ = (3/2)(4/5)^{5/2}``:
       ``‖diag(φ''(K_j x) − φ''(K_j x'))‖ ≤ (c₃/ε) ‖K_j(x − x')‖_∞ ≤ (c₃/ε) n_j ‖x − x'‖``;
     * ``hessian_lower_bound = −e^c Σ_{w_j<0} |w_j| n_j² e^{−s/2}``: each term with ``w_j ≥ 0`` is
@@ -570,13 +579,29 @@ class FieldsOfExperts(Regulariser):
         f = self.filters.detach()
         return torch.linalg.vector_norm(f.abs().sum(dim=(2, 3)), dim=1)
 
+    def filter_bank_norm_bound(self, grid_factor: float = 0.15) -> float:
+        """``P̄ ≥ ‖Σ_j |w_j| K_jᵀK_j‖`` by the frequency grid and Bernstein's inequality (class
+        docstring): ``max_grid P / (1 − 2πd/M)`` with M the smallest power of two ≥ 64 for which
+        ``2πd/M ≤ grid_factor``."""
+        f = self.filters.detach().double()
+        d = f.shape[-1] - 1
+        if d == 0:  # 1×1 filters: P is constant
+            return float((self.weights.detach().double().abs() * (f ** 2).sum(dim=(1, 2, 3))).sum())
+        M = 64
+        while 2 * math.pi * d / M > grid_factor:
+            M *= 2
+        spec = torch.fft.rfft2(f, s=(M, M)).abs().pow(2).sum(1)          # (K, M, M/2+1): ‖f̂_j(ω)‖²
+        P = torch.tensordot(self.weights.detach().double().abs(), spec, dims=1)  # real f: P(−ω) = P(ω)
+        return P.max().item() / (1 - 2 * math.pi * d / M)
+
     def _sum_weighted_norms(self, power: int, only_negative: bool = False) -> float:
         w = self.weights.detach()
         w = w.clamp(max=0) if only_negative else w
         return (self.log_scale.detach().exp() * (w.abs() * self.filter_norm_bounds() ** power).sum()).item()
 
     def lipschitz(self):
-        return self._sum_weighted_norms(2) * math.exp(-self.log_smoothing.item() / 2)
+        return self.log_scale.detach().exp().item() * self.filter_bank_norm_bound() * math.exp(
+            -self.log_smoothing.item() / 2)
 
     def hessian_lipschitz(self):
         return self._sum_weighted_norms(3) * potential_third_derivative_bound(math.exp(self.log_smoothing.item()))
