@@ -45,7 +45,9 @@ lower_iter = 3000          # cap on lower-level iterations per solve (hits are c
 # upper level  g(x, b) = ‖A_up x − y‖²/n + beta ‖b − b₀‖²_{H¹}
 beta = 0.1                 # β, weight of the H¹ kernel penalty (grid search, see README)
 upper_operator = "learned"  # learned: A_up = B_b (the paper's 2D choice) | known: A_up = B_{b₀}
-kernel_penalty = "h1_squared"  # h1_squared: β‖b − b₀‖²_{H¹} (smooth) | h1: β‖b − b₀‖_{H¹} (the paper's; subgradient 0 at b₀)
+kernel_penalty = "h1_squared"  # h1_squared: β‖b − b₀‖²_{H¹} in g (smooth) | h1: β‖b − b₀‖_{H¹} (the paper's), exactly by its prox
+kernel_constraint = "none"  # none | simplex: each channel of b ≥ 0 and Σb = 1, by projection (proximal MAID)
+learned_kernel_size = 0    # 0: kernel_size | odd K ≥ kernel_size: b₀ zero-padded centrally to K×K, b learned on K×K
 upper_normalisation = "n"  # n: data term over n = entries of y | channels: over the C channels (the paper's /3)
 # MAID
 upper_iter = 40            # maximum number of upper iterations
@@ -82,16 +84,17 @@ from tqdm import tqdm  # noqa: E402
 
 import figures  # noqa: E402
 from adp_problem import UPPER_OPERATORS, ADPBetaProblem  # noqa: E402
-from imaging import make_data, psnr_ssim, resolve_device  # noqa: E402
+from imaging import kernel_error_ratio, make_data, pad_kernel, psnr_ssim, resolve_device, true_kernel  # noqa: E402
 from lower_level import SOLVERS, LowerLevel, hessian_norm_estimate, solve_lower, solve_lower_fixed  # noqa: E402
-from operators import h1_norm, h1_norm_grad  # noqa: E402
 from maid import MAIDConfig, MAIDState, maid  # noqa: E402
+from prox import H1NormPenalty, SimplexConstraint, SimplexH1Penalty  # noqa: E402
 from regularisers import REGULARISERS, make_regulariser  # noqa: E402
 
 PROG = "ADP.py"
 SETTINGS = ("motion", "gaussian", "disc", "semiblind")
 NO_STEP_LABEL = "unchanged (no step accepted)"
 KERNEL_PENALTIES = ("h1_squared", "h1")
+KERNEL_CONSTRAINTS = ("none", "simplex")
 NORMALISATIONS = ("n", "channels")
 POWER_ITERS = 10           # power iterations of the fixed-iteration baseline's L̃ (the paper's code)
 _IMAGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "images")
@@ -164,6 +167,12 @@ def validate(cfg: dict) -> None:
     check(cfg["baseline_iters"] >= 0, f"baseline_iters must be ≥ 0 (0: solve to convergence), got {cfg['baseline_iters']}")
     check(cfg["kernel_penalty"] in KERNEL_PENALTIES,
           f"unknown kernel_penalty {cfg['kernel_penalty']!r}; use one of {', '.join(KERNEL_PENALTIES)}")
+    check(cfg["kernel_constraint"] in KERNEL_CONSTRAINTS,
+          f"unknown kernel_constraint {cfg['kernel_constraint']!r}; use one of {', '.join(KERNEL_CONSTRAINTS)}")
+    K = cfg["learned_kernel_size"]
+    check(K == 0 or (K >= cfg["kernel_size"] and K % 2 == 1 and K <= min(cfg["size_x"], cfg["size_y"])),
+          f"learned_kernel_size must be 0 (= kernel_size) or an odd size ≥ kernel_size={cfg['kernel_size']} and no "
+          f"larger than the image, got {K} (e.g. --learned_kernel_size={cfg['kernel_size'] + 4})")
     check(cfg["upper_normalisation"] in NORMALISATIONS,
           f"unknown upper_normalisation {cfg['upper_normalisation']!r}; use one of {', '.join(NORMALISATIONS)}")
     check(cfg["lower_solver"] in SOLVERS, f"unknown lower_solver {cfg['lower_solver']!r}; use one of {', '.join(SOLVERS)}")
@@ -173,25 +182,6 @@ def validate(cfg: dict) -> None:
 # ------------------------------------------------------------------------------------------
 # the pieces shared with benchmarks/grid_search.py
 # ------------------------------------------------------------------------------------------
-class UnsquaredH1Problem(ADPBetaProblem):
-    """ADP-β with the paper's kernel penalty ``β‖b − b₀‖_{H¹}`` (unsquared, :func:`operators.h1_norm`)
-    in place of ``β‖b − b₀‖²_{H¹}``: built with the squared penalty's weight 0 and the unsquared
-    one added to ``g`` and ``∂_b g`` (it does not depend on ``x``, so ``∇ₓg``, ``L_g`` and ω's
-    constants are unchanged).  At ``b = b₀`` the norm is not differentiable and the subgradient
-    0 is used (:func:`operators.h1_norm_grad`): MAID's first step then moves along the data
-    term's gradient alone; the proximal MAID step (maid.py) is what will handle ``b₀`` exactly."""
-
-    def __init__(self, y, b0, regulariser, beta, **kw):
-        super().__init__(y, b0, regulariser, 0.0, **kw)
-        self.h1_weight = beta
-
-    def upper_loss(self, x, b):
-        return super().upper_loss(x, b) + self.h1_weight * h1_norm(b, self.b0)
-
-    def upper_grad_theta(self, x, b):
-        return super().upper_grad_theta(x, b) + self.h1_weight * h1_norm_grad(b, self.b0)
-
-
 def upper_scale(cfg: dict, y: torch.Tensor) -> float:
     """``c`` with ``g_cfg = c·g``: the configured upper level over our n-normalised one.
 
@@ -204,13 +194,43 @@ def upper_scale(cfg: dict, y: torch.Tensor) -> float:
     return y.numel() / y.shape[0] if cfg["upper_normalisation"] == "channels" else 1.0
 
 
-def build_problem(cfg: dict, y: torch.Tensor, b0: torch.Tensor, metrics_fn=None) -> ADPBetaProblem:
+def build_problem(cfg: dict, y: torch.Tensor, b0: torch.Tensor, metrics_fn=None, smooth_penalty: bool = True
+                  ) -> ADPBetaProblem:
     """ADP-β (SPEC §1) for the data ``(y, b₀)`` with ``cfg``'s regulariser, β (over
-    :func:`upper_scale`), kernel penalty, μ₀, upper operator and lower solver."""
+    :func:`upper_scale`), kernel penalty, μ₀, upper operator and lower solver: the whole ``g``,
+    the unsquared penalty included with its subgradient 0 at ``b₀`` (``adp_problem``).  With
+    ``smooth_penalty=False`` and ``kernel_penalty = "h1"`` the penalty is left out (β = 0): the
+    smooth part ``f`` of the composite objective that :func:`build_composite` pairs with its prox."""
     reg = make_regulariser(cfg["regulariser"], cfg["tv_weight"], cfg["tv_smoothing"])
-    cls = UnsquaredH1Problem if cfg["kernel_penalty"] == "h1" else ADPBetaProblem
-    return cls(y, b0, reg, cfg["beta"] / upper_scale(cfg, y), mu0=cfg["mu0"], upper_operator=cfg["upper_operator"],
-               solver=cfg["lower_solver"], metrics_fn=metrics_fn)
+    beta = 0.0 if cfg["kernel_penalty"] == "h1" and not smooth_penalty else cfg["beta"] / upper_scale(cfg, y)
+    return ADPBetaProblem(y, b0, reg, beta, mu0=cfg["mu0"], upper_operator=cfg["upper_operator"],
+                          solver=cfg["lower_solver"], metrics_fn=metrics_fn, kernel_penalty=cfg["kernel_penalty"])
+
+
+def build_prox(cfg: dict, y: torch.Tensor, b0: torch.Tensor):
+    """The non-smooth part ``r`` of the kernel's upper level (``None`` when there is none), for
+    :func:`maid.maid`'s ``prox=``: ``kernel_penalty = "h1"`` → ``β‖b − b₀‖_{H¹}`` (β over
+    :func:`upper_scale`; exact prox, :class:`prox.H1NormPenalty`), ``kernel_constraint = "simplex"``
+    → the indicator of ``{b ≥ 0, Σb = 1}`` per channel (:class:`prox.SimplexConstraint`), both →
+    :class:`prox.SimplexH1Penalty` (dual solve certified to ‖b − prox‖ ≤ 1e-10)."""
+    h1 = cfg["kernel_penalty"] == "h1"
+    beta = cfg["beta"] / upper_scale(cfg, y)
+    if cfg["kernel_constraint"] == "simplex":
+        return SimplexH1Penalty(beta, b0) if h1 else SimplexConstraint()
+    return H1NormPenalty(beta, b0) if h1 else None
+
+
+def build_composite(cfg: dict, y: torch.Tensor, b0: torch.Tensor, metrics_fn=None):
+    """``(problem, prox)``: what MAID runs on, ``min_b f(b) + r(b)`` (:func:`build_problem` without
+    the unsquared penalty, and :func:`build_prox`)."""
+    return build_problem(cfg, y, b0, metrics_fn, smooth_penalty=False), build_prox(cfg, y, b0)
+
+
+def learned_b0(cfg: dict, b0: torch.Tensor) -> torch.Tensor:
+    """``b₀`` zero-padded centrally to ``learned_kernel_size`` (unchanged when it is 0 or the same):
+    the blur is the same, the kernel MAID learns (and its H¹ penalty and error constants) is K×K."""
+    K = cfg["learned_kernel_size"]
+    return b0 if K in (0, b0.shape[-1]) else pad_kernel(b0, K)
 
 
 def maid_config(cfg: dict, scale: float = 1.0) -> MAIDConfig:
@@ -313,8 +333,10 @@ def run(cfg: dict | None = None, **overrides) -> dict:
     dev = resolve_device(cfg["device"], cfg["dtype"])
     try:
         x_true, b0, y = make_data(cfg, _IMAGES, dev, getattr(torch, cfg["dtype"]))
+        b_true = true_kernel(cfg, getattr(torch, cfg["dtype"]), dev)
     except ValueError as e:                       # e.g. a kernel that is not finite in this dtype
         raise ConfigError(f"cannot build the data: {e}") from None
+    b0 = learned_b0(cfg, b0)
     state = None if ckpt is None else _state_from(ckpt, dev)
 
     def metrics(x):
@@ -326,7 +348,7 @@ def run(cfg: dict | None = None, **overrides) -> dict:
               f"{cfg['dtype']}, {torch.get_num_threads()} threads")
 
     # -- the fair baseline: TV with the known kernel b₀ (before any folder exists) -------------
-    problem = build_problem(cfg, y, b0, metrics)
+    problem, prox = build_composite(cfg, y, b0, metrics)
     mcfg = maid_config(cfg, upper_scale(cfg, y))
     t0 = time.perf_counter()
     try:
@@ -369,7 +391,7 @@ def run(cfg: dict | None = None, **overrides) -> dict:
 
     interrupted = False
     try:
-        result = maid(problem, b0.clone(), y.clone(), mcfg, state=state, callback=on_iteration)
+        result = maid(problem, b0.clone(), y.clone(), mcfg, state=state, callback=on_iteration, prox=prox)
         log, b_star, x_adp, stop_reason = result.log, result.theta, result.x, result.stop_reason
         payload = _payload(cfg, result.state)
     except KeyboardInterrupt:
@@ -382,25 +404,27 @@ def run(cfg: dict | None = None, **overrides) -> dict:
     if stop_reason == "non_finite":
         print("warning: MAID met a NaN/Inf (iterate, loss or hypergradient) and stopped; the outputs hold the "
               "last finite kernel and reconstruction", file=sys.stderr)
-    return _outputs(cfg, run_dir, x_true, y, b0, base.x, baseline, log, b_star, x_adp, stop_reason, payload,
-                    interrupted, t_start)
+    return _outputs(cfg, run_dir, x_true, y, (b0, b_true), base.x, baseline, log, b_star, x_adp, stop_reason,
+                    payload, interrupted, t_start)
 
 
-def _outputs(cfg, run_dir, x_true, y, b0, x_tv, baseline, log, b_star, x_adp, stop_reason, payload, interrupted,
+def _outputs(cfg, run_dir, x_true, y, kernels, x_tv, baseline, log, b_star, x_adp, stop_reason, payload, interrupted,
              t_start) -> dict:
     """Write log, kernels, checkpoint, figures and summary into ``run_dir``; return the summary."""
+    b0, b_true = kernels
     accepted = sum(bool(r["accepted"]) for r in log)
     adp_label = "ADP-β-MAID" if accepted else f"ADP-β-MAID: {NO_STEP_LABEL}"
     scores = {"blurry": psnr_ssim(y, x_true), "TV (b₀)": psnr_ssim(x_tv, x_true),
               "ADP-β-MAID": psnr_ssim(x_adp, x_true)}
     figures.save_csv(os.path.join(run_dir, "log.csv"), log)
-    figures.save_torch(os.path.join(run_dir, "kernel.pt"), {"b_star": b_star.cpu(), "b0": b0.cpu()})
+    figures.save_torch(os.path.join(run_dir, "kernel.pt"), {"b_star": b_star.cpu(), "b0": b0.cpu(),
+                                                           "b_true": b_true.cpu()})
     figures.save_torch(os.path.join(run_dir, "checkpoint.pt"), payload)
     titles = ("blurry", "TV (b₀)", adp_label)
     figures.comparison_figure([("ground truth", x_true)] + [(f"{t}\nPSNR {p:.2f} dB, SSIM {s:.3f}", x) for t, (p, s), x
                               in zip(titles, scores.values(), (y, x_tv, x_adp))],
                               os.path.join(run_dir, "comparison.png"))
-    figures.kernel_figure(b0, b_star, os.path.join(run_dir, "kernels.png"))
+    figures.kernel_figure(b0, b_star, os.path.join(run_dir, "kernels.png"), b_true=b_true)
     if log:
         figures.convergence_figure(log, os.path.join(run_dir, "convergence.png"))
         figures.iterations_figure(log, os.path.join(run_dir, "iterations.png"), baseline_psnr=scores["TV (b₀)"][0])
@@ -412,6 +436,8 @@ def _outputs(cfg, run_dir, x_true, y, b0, x_tv, baseline, log, b_star, x_adp, st
                "lower_iterations": last.get("lower_iters", 0), "cg_iterations": last.get("cg_iters", 0),
                "lower_cap_hits": last.get("lower_cap_hits", 0), "cg_cap_hits": last.get("cg_cap_hits", 0),
                "kernel_change": (torch.linalg.vector_norm(b_star - b0) / torch.linalg.vector_norm(b0)).item(),
+               "kernel_error_ratio": kernel_error_ratio(b_star, b0, b_true),
+               "kernel_sums": b_star.sum(dim=(-2, -1)).flatten().tolist(),
                **baseline, "upper_scale": upper_scale(cfg, y),
                "maid_seconds": last.get("time", 0.0), "total_seconds": total}
     figures.save_json(os.path.join(run_dir, "summary.json"), summary)
@@ -425,13 +451,17 @@ def _report(cfg, run_dir, summary, scores, interrupted) -> None:
     for k, (p, s) in scores.items():
         note = f"  {NO_STEP_LABEL}" if k == "ADP-β-MAID" and not summary["accepted"] else ""
         _say(cfg, f"{k:12s} {p:10.2f} {s:7.4f}{note}")
+    if summary["kernel_error_ratio"] is not None:
+        _say(cfg, f"kernel error ‖b* − b_true‖/‖b₀ − b_true‖ = {summary['kernel_error_ratio']:.4f}")
     _say(cfg, f"MAID: {summary['upper_iterations']} upper iterations ({summary['accepted']} accepted), stop: "
               f"{summary['stop_reason']}, {summary['lower_iterations']} lower + {summary['cg_iterations']} CG "
               f"iterations, {summary['maid_seconds']:.1f} s; TV baseline {summary['baseline_iterations']} iterations, "
               f"{summary['baseline_seconds']:.1f} s; total {summary['total_seconds']:.1f} s")
-    if not summary["accepted"] and summary["upper_iterations"]:
+    if not summary["accepted"]:
         print(f"note: MAID accepted no step in {summary['upper_iterations']} upper iterations: b* = b₀, so the "
-              f"ADP-β-MAID result is {NO_STEP_LABEL} (stop: {summary['stop_reason']})", file=sys.stderr)
+              f"ADP-β-MAID result is {NO_STEP_LABEL} (stop: {summary['stop_reason']}"
+              + ("; b₀ is already stationary, e.g. β ≥ the data term's slope for kernel_penalty=h1"
+                 if summary["stop_reason"] == "converged" else "") + ")", file=sys.stderr)
     if summary["lower_cap_hits"]:
         print(f"warning: {summary['lower_cap_hits']} lower-level solves hit lower_iter={cfg['lower_iter']}; their "
               f"accuracy ε is not certified (raise --lower_iter)", file=sys.stderr)
@@ -461,5 +491,7 @@ if __name__ == "__main__":
     import signal
     # Ctrl-C must raise KeyboardInterrupt even if the parent started us with SIGINT ignored
     # (as a non-interactive shell does for background jobs): the MAID loop turns it into a checkpoint.
+    # SIGTERM (kill, a batch system's time limit) takes the same path: outputs and checkpoint, exit 130.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     sys.exit(main(sys.argv[1:]))

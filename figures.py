@@ -91,18 +91,28 @@ def comparison_figure(panels: list[tuple[str, torch.Tensor]], path: str) -> None
     save_figure(fig, path)
 
 
-def kernel_figure(b0: torch.Tensor, b: torch.Tensor, path: str, names=("R", "G", "B")) -> None:
-    """Per channel: ``b₀``, ``b*`` (shared colour scale) and ``|b* − b₀|``."""
-    b0, b = b0.detach().double().cpu(), b.detach().double().cpu()
+def _padded(t: torch.Tensor, size: int) -> torch.Tensor:
+    m = (size - t.shape[-1]) // 2
+    return torch.nn.functional.pad(t, (m, m, m, m))
+
+
+def kernel_figure(b0: torch.Tensor, b: torch.Tensor, path: str, names=("R", "G", "B"),
+                  b_true: torch.Tensor | None = None) -> None:
+    """Per channel: ``b₀``, ``b*`` and (when given) the true kernel ``b_true`` on a shared colour
+    scale, zero-padded centrally to a common size, then ``|b* − b₀|``."""
+    kernels = [("b₀", b0), ("b*", b)] + ([] if b_true is None else [("b_true", b_true)])
+    size = max(t.shape[-1] for _, t in kernels)
+    kernels = [(t, _padded(k.detach().double().cpu(), size)) for t, k in kernels]
+    lo = min(k.min().item() for _, k in kernels)
+    hi = max(k.max().item() for _, k in kernels)
+    panels = [(t, k, dict(vmin=lo, vmax=hi, cmap="viridis")) for t, k in kernels]
+    panels.append(("|b* − b₀|", (kernels[1][1] - kernels[0][1]).abs(), dict(cmap="magma")))
     C = b.shape[0]
-    lo, hi = min(b0.min(), b.min()).item(), max(b0.max(), b.max()).item()
-    fig, axes = plt.subplots(C, 3, figsize=(9, 2.9 * C), squeeze=False)
+    fig, axes = plt.subplots(C, len(panels), figsize=(3 * len(panels), 2.9 * C), squeeze=False)
     for c in range(C):
         ch = names[c] if C == 3 else f"channel {c}"
-        for j, (title, k, kw) in enumerate([("b₀", b0[c, 0], dict(vmin=lo, vmax=hi, cmap="viridis")),
-                                             ("b*", b[c, 0], dict(vmin=lo, vmax=hi, cmap="viridis")),
-                                             ("|b* − b₀|", (b[c, 0] - b0[c, 0]).abs(), dict(cmap="magma"))]):
-            im = axes[c, j].imshow(k.numpy(), interpolation="nearest", **kw)
+        for j, (title, k, kw) in enumerate(panels):
+            im = axes[c, j].imshow(k[c, 0].numpy(), interpolation="nearest", **kw)
             axes[c, j].set_title(f"{title} ({ch})", fontsize=10)
             axes[c, j].set_xticks([])
             axes[c, j].set_yticks([])

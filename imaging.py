@@ -8,6 +8,9 @@
   (``data_range = 1``, Gaussian-weighted, colour axis last), both on the estimate clipped to [0, 1].
 * :func:`setting_kernels`, :func:`make_data` — the blur settings of SPEC §4.2 and the data
   ``y = (true blur) x + noise`` (used by ``ADP.py`` and ``benchmarks/grid_search.py``).
+* :func:`true_kernel`, :func:`pad_kernel`, :func:`kernel_error_ratio` — the single kernel that
+  made the data (semiblind: motion∘Gaussian, 9×9 for two 5×5 blurs), centred zero-padding of a
+  kernel to a larger odd size, and ``‖b − b_true‖/‖b₀ − b_true‖``.
 """
 from __future__ import annotations
 
@@ -129,6 +132,44 @@ def make_data(cfg: dict, images_dir: str, device, dtype) -> tuple[torch.Tensor, 
     gen = torch.Generator().manual_seed(cfg["seed"])
     noise = torch.randn(x_true.shape, generator=gen, dtype=torch.float64).to(device, dtype)
     return x_true, b0, y + cfg["noise_level"] * noise
+
+
+def pad_kernel(b: torch.Tensor, size: int) -> torch.Tensor:
+    """``b`` (C, 1, k, k) zero-padded centrally to ``size × size`` (``size ≥ k``, same parity).
+
+    The circular blur of the padded kernel is the blur of ``b`` exactly (the extra entries are
+    zero and the centre stays at the origin); raises ``ValueError`` for a smaller or even size."""
+    k = b.shape[-1]
+    if size < k or (size - k) % 2:
+        raise ValueError(f"cannot zero-pad a {k}×{k} kernel centrally to {size}×{size} (need an odd size ≥ {k})")
+    m = (size - k) // 2
+    return torch.nn.functional.pad(b, (m, m, m, m))
+
+
+def true_kernel(cfg: dict, dtype=torch.float64, device=None) -> torch.Tensor:
+    """The one kernel whose circular blur is the composition of the blurs that make the data
+    (:func:`setting_kernels`): ``b₀`` itself (exactly) except for ``semiblind``, where it is motion∘Gaussian,
+    ``Σ kᵢ − (m − 1)`` wide.  Computed as the impulse response of the composed :class:`Blur`
+    operators on a K×K grid (no wrap-around: the composed support is exactly K wide), rolled so
+    that its centre is the middle entry; exact for any image of at least K×K pixels."""
+    _, blurs = setting_kernels(cfg, dtype, device)
+    if len(blurs) == 1:
+        return blurs[0]
+    K = sum(b.shape[-1] for b in blurs) - (len(blurs) - 1)
+    u = torch.zeros(blurs[0].shape[0], K, K, dtype=dtype, device=device)
+    u[:, 0, 0] = 1                         # the impulse at the origin, where Blur centres the kernel
+    for b in blurs:
+        u = Blur(b, (K, K)).A(u)
+    return torch.roll(u, (K // 2, K // 2), dims=(-2, -1)).unsqueeze(1)
+
+
+def kernel_error_ratio(b: torch.Tensor, b0: torch.Tensor, b_true: torch.Tensor) -> float | None:
+    """``‖b − b_true‖/‖b₀ − b_true‖`` with all three zero-padded to the largest size; ``None`` when
+    ``b₀ = b_true`` (nothing to recover: motion, gaussian and disc settings)."""
+    size = max(t.shape[-1] for t in (b, b0, b_true))
+    b, b0, b_true = (pad_kernel(t, size) for t in (b, b0, b_true))
+    den = torch.linalg.vector_norm(b0 - b_true).item()
+    return None if den == 0 else torch.linalg.vector_norm(b - b_true).item() / den
 
 
 _PSNR = None
