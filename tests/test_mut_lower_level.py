@@ -1,0 +1,85 @@
+"""lower_level.py: properties that mutation testing found unchecked (tools/mutation_survivors.md).
+
+The power-iteration estimate is seeded and a lower bound for every iteration count (dense Hessian);
+zero fixed-step iterations leave ``x0``; the anchored gradient equals the plain one on odd and even
+widths; no certificate without strong convexity; the float32 refined solve follows the float64
+recurrence step for step before its first check."""
+import math
+
+import pytest
+import torch
+from conftest import rand
+from test_lower_level import _dense, _small_problem
+
+from lower_level import LowerLevel, fista, hessian_norm_estimate, solve_lower, solve_lower_fixed
+from operators import motion_kernel
+from regularisers import SmoothedTV
+
+
+def test_hessian_norm_estimate_is_seeded_nondecreasing_and_below_the_top_eigenvalue():
+    """Power iteration on a symmetric PSD ``A``: ``‖A v_k‖`` (``v_k`` normalised) never exceeds
+    ``λ_max(A)`` and never decreases with ``k``; with zero iterations there is no estimate above
+    0.  Reference: the dense Hessian built from ``hvp``.  The kernel is scaled by 0.5 so that
+    ``λ_max < 1`` (a start value of 1 would exceed it).  The start vector comes from the seed alone:
+    the global RNG state does not change the estimate, another seed does (at 2 iterations).
+    Tolerance 1e-12 relative: the same products, only summation order differs."""
+    b = 0.5 * motion_kernel(3, channels=2, dtype=torch.float64)
+    y = rand(2, 7, 6, seed=30)
+    h = LowerLevel(b, y, SmoothedTV(0.01, 0.1), mu0=0.01)
+    lam = torch.linalg.eigvalsh(_dense(lambda e: h.hvp(y, e), y.shape)).max().item()
+    assert lam < 1.0
+    ests = [hessian_norm_estimate(h, y, k) for k in range(6)]
+    assert all(0.0 <= e <= lam * (1 + 1e-12) for e in ests)
+    assert all(a <= b * (1 + 1e-12) for a, b in zip(ests[1:], ests[2:]))
+    torch.manual_seed(1)
+    first = hessian_norm_estimate(h, y, 2, seed=5)
+    torch.manual_seed(2)
+    assert hessian_norm_estimate(h, y, 2, seed=5) == first
+    assert hessian_norm_estimate(h, y, 2, seed=6) != first
+
+
+def test_fixed_step_solve_with_zero_iterations_returns_x0_and_its_gradient():
+    """``iters = 0`` is allowed (non-negative): no step is taken, the result is ``x0`` with 0
+    iterations and ``‖∇h(x0)‖`` (one gradient evaluated), uncertified."""
+    h, y = _small_problem()
+    res = solve_lower_fixed(h, y, 0, 0.5 / h.L)
+    assert torch.equal(res.x, y) and res.iters == 0 and not res.converged
+    assert res.grad_norm == pytest.approx(torch.linalg.vector_norm(h.grad(y)).item(), rel=1e-14)
+
+
+@pytest.mark.parametrize("W", [6, 7])
+def test_gradient_from_an_anchor_equals_the_plain_gradient(W):
+    """``grad_from_anchor(d, a + d, c)`` with ``c = B_bᵀ(B_b a − y) + μ₀a`` is ``∇h(a + d)``, on an
+    even and an odd width (the inverse real FFT needs the output size for odd widths).  Reference:
+    :meth:`LowerLevel.grad` in float64; 1e-12 (same FFTs, other grouping)."""
+    b = motion_kernel(3, channels=2, dtype=torch.float64)
+    h = LowerLevel(b, rand(2, 5, W, seed=31), SmoothedTV(0.05, 0.05), mu0=0.1)
+    a, d = rand(2, 5, W, seed=32), 0.1 * rand(2, 5, W, seed=33)
+    c = h.quadratic_grad(a)
+    assert torch.allclose(h.grad_from_anchor(d, a + d, c), h.grad(a + d), atol=1e-12)
+
+
+def test_energy_bound_is_infinite_without_strong_convexity():
+    """A zero kernel with ``μ₀ = 0`` and TV (convex, λ_R = 0) gives ``μ = 0`` exactly: then no bound
+    on ``‖x − x̂‖`` follows from the gradient, and ``energy_bound`` is ∞ rather than a division by
+    zero."""
+    y = rand(1, 6, 6, seed=34)
+    h = LowerLevel(torch.zeros(1, 1, 3, 3), y, SmoothedTV(0.1, 0.1), mu0=0.0)
+    assert h.mu == 0.0
+    assert h.energy_bound(h.grad(y)) == math.inf
+
+
+@pytest.mark.parametrize("solver", ["fista", "agd"])
+def test_float32_refined_solve_follows_the_float64_recurrence(solver):
+    """The float32 solve (anchor + displacement) runs the same accelerated recurrence as the
+    float64 one: before its first certificate check (ε = 1e-12 is never met in 6 iterations, and
+    the stall window 20√(L/μ) is longer) its 6th iterate equals :func:`fista`'s (or the Nesterov
+    scheme's) in float64 from the same start, to float32 accuracy (1e-5 relative: six steps of
+    rounding ~1e-7 each, amplified by the momentum)."""
+    h64, y = _small_problem()
+    h32 = LowerLevel(h64.blur.b.float(), y.float(), SmoothedTV(0.05, 0.05), h64.mu0)
+    ref = solve_lower(h64, y, 0.0, 6, solver) if solver == "agd" else fista(h64.grad, y, h64.L, h64.mu, 0.0, 6)
+    res = solve_lower(h32, y.float(), 1e-12, 6, solver)
+    assert res.iters == 6 and not res.converged
+    err = torch.linalg.vector_norm(res.x.double() - ref.x) / torch.linalg.vector_norm(ref.x - y)
+    assert err < 1e-5

@@ -1,0 +1,94 @@
+"""maid.py: properties that mutation testing found unchecked (tools/mutation_survivors.md).
+
+The problems are scalar or 2-vector quadratics with ``x̂ = θ`` and ``f(θ) = ½‖θ − 5‖²`` (so
+``∇f = θ − 5`` exactly, the reference for every hypergradient below); spies record what MAID
+passes to the problem."""
+import pytest
+import torch
+
+from maid import BilevelProblem, ErrorConstants, LowerSolve, MAIDConfig, config_dict, inexact_gradient_descent
+
+
+class Quadratic(BilevelProblem):
+    """``h(x, θ) = ½‖x − θ‖²`` (solved exactly), ``g = ½‖x − 5‖²``: ``∇f(θ) = θ − 5``.  Records the
+    accuracy and cap of every lower solve and adjoint solve."""
+
+    def __init__(self):
+        self.lower_calls, self.adjoint_calls = [], []
+
+    def solve_lower(self, theta, x0, eps, max_iter):
+        self.lower_calls.append((eps, max_iter))
+        return LowerSolve(theta.clone(), 1, 0.0, True)
+
+    def upper_loss(self, x, theta):
+        return 0.5 * ((x - 5) ** 2).sum()
+
+    def upper_grad_x(self, x, theta):
+        return x - 5
+
+    def hessian_vp(self, x, theta, v):
+        return v
+
+    def mixed_vjp(self, x, theta, q):
+        return -q
+
+    def solve_adjoint(self, x, theta, rhs, q0, delta, max_iter):
+        self.adjoint_calls.append((delta, max_iter))
+        return rhs.clone(), 1, True                       # ∇²ₓₓh = I
+
+    def error_constants(self, x, theta):
+        return ErrorConstants(1.0, 1.0, 1.0, 0.0, 0.0)
+
+
+def test_inexact_gradient_descent_passes_its_accuracies_and_caps_unchanged():
+    """Fixed accuracy means fixed: every lower solve gets ``(ε, lower_max_iter)`` and every adjoint
+    solve ``(δ, cg_max_iter)``, with δ absolute (not capped by ``0.1‖∇ₓg‖``: here ‖∇ₓg‖ = 0.02 at
+    θ₀, so a relative cap would give 0.002 < δ = 0.003); ``δ`` defaults to ε and the caps to the
+    documented 1000."""
+    p = Quadratic()
+    inexact_gradient_descent(p, torch.tensor([4.98]), torch.tensor([4.98]), eps=0.01, step=0.5, max_iter=3,
+                             delta=0.003, lower_max_iter=17, cg_max_iter=7)
+    assert p.lower_calls and set(p.lower_calls) == {(0.01, 17)}
+    assert p.adjoint_calls and set(p.adjoint_calls) == {(0.003, 7)}
+    p = Quadratic()
+    inexact_gradient_descent(p, torch.tensor([4.98]), torch.tensor([4.98]), eps=0.01, step=0.5, max_iter=2)
+    assert set(p.lower_calls) == {(0.01, 1000)} and set(p.adjoint_calls) == {(0.01, 1000)}
+
+
+def test_inexact_gradient_descent_spends_its_budget_even_on_a_tiny_hypergradient():
+    """``grad_tol = 0``: IGD stops for the budget, not for convergence, even where ‖z‖ = 1e-12 (below
+    MAID's default ``grad_tol`` 1e-10).  With α = ½ each step halves ``θ − 5`` exactly (powers of
+    two), so z never rounds to 0 in 3 steps; the iterates are ``5 − 1e-12·2⁻ᵏ`` (reference: the
+    exact gradient descent recurrence, to the float64 spacing 1e-15 at 5)."""
+    theta0 = torch.tensor([5.0 - 1e-12])
+    res = inexact_gradient_descent(Quadratic(), theta0, theta0.clone(), eps=1e-3, step=0.5, max_iter=3)
+    assert res.stop_reason == "max_iter" and len(res.log) == 3
+    assert abs(res.theta.item() - (5.0 - (5.0 - theta0.item()) / 8)) < 2e-15
+
+
+def test_default_upper_lipschitz_is_error_constants_L_g_at_the_same_point():
+    """``BilevelProblem.upper_lipschitz(x, θ)`` defaults to ``error_constants(x, θ).L_g`` at that
+    very ``(x, θ)``: with ``L_g = 1 + 2‖x‖ + 3‖θ‖`` (a point-dependent constant) it returns the
+    formula's value (exact)."""
+    class PointDependent(Quadratic):
+        def error_constants(self, x, theta):
+            L_g = 1 + 2 * x.norm().item() + 3 * theta.norm().item()
+            return ErrorConstants(1.0, L_g, 1.0, 0.0, 0.0)
+
+    x, theta = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 2.0])
+    assert PointDependent().upper_lipschitz(x, theta) == 1 + 2 * 5.0 + 3 * 2.0
+
+
+def test_problem_without_error_constants_says_L_g_is_required():
+    """The base class's ``error_constants`` refuses with a message naming ``L_g`` and the test that
+    needs it (a user implementing the interface learns what is missing)."""
+    with pytest.raises(NotImplementedError, match="L_g.*sufficient-decrease"):
+        BilevelProblem().error_constants(torch.zeros(1), torch.zeros(1))
+
+
+def test_config_dict_round_trips():
+    """``config_dict`` is a plain dict of every field: ``MAIDConfig(**config_dict(c)) == c``, and the
+    values are the configuration's (a saved log can reproduce the run)."""
+    cfg = MAIDConfig(eps0=0.3, tau=0.25, max_iter=7, cg_rel_tol=None)
+    d = config_dict(cfg)
+    assert isinstance(d, dict) and MAIDConfig(**d) == cfg and d["tau"] == 0.25
