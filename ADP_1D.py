@@ -84,6 +84,7 @@ eval_eps = 1e-10           # accuracy of the (uncounted) accurate evaluation of 
 threads = 1                # torch CPU threads (small matrices: 1 is fastest and fair)
 progress = True            # tqdm progress bars
 results_dir = "Results"    # a new sub-folder 1d_<timestamp> is created here
+save_operators = True      # write operators.pt (the learned 200×200 B of each method, ~1.3 MB)
 # ------------------------------------------------------------------
 import config  # noqa: E402
 from config import ConfigError, check, finite_positive, valid_seed  # noqa: E402
@@ -194,37 +195,53 @@ def _progress(cfg, total, desc):
     return bar, cb
 
 
-def run_methods(cfg: dict, make_problem, A, x0) -> dict:
-    """``{name: dict(B, x, log, stop, solves, uncertified)}`` for ADP IFT, ADP LISTA and ADP-MAID,
-    each from ``(B, x) = (A, x0)``.  With ``lista_paper_loss`` LISTA's logged ``upper_loss`` is
-    ``2g`` (the paper's code logs ``‖Ax − y‖²`` for LISTA, ``½‖Ax − y‖²`` for the others; its
-    training is unchanged); ``paper_adjoint`` / ``maid_paper_stop`` switch on the defects of
-    :class:`PaperDefects` (``make_problem(**kw)`` passes them on)."""
-    runs = {}
-    ift_problem = make_problem(paper_adjoint=cfg["paper_adjoint"])
+def run_ift(cfg: dict, make_problem, A, x0) -> dict:
+    """ADP IFT from ``(B, x) = (A, x0)`` (``paper_adjoint`` switches on :class:`PaperDefects`' adjoint)."""
+    problem = make_problem(paper_adjoint=cfg["paper_adjoint"])
     bar, cb = _progress(cfg, cfg["ift_steps"], "ADP IFT")
-    res = maid.inexact_gradient_descent(ift_problem, A.clone(), x0, eps=cfg["ift_eps"], step=cfg["step"],
+    res = maid.inexact_gradient_descent(problem, A.clone(), x0, eps=cfg["ift_eps"], step=cfg["step"],
                                         max_iter=cfg["ift_steps"], lower_max_iter=cfg["ift_lower_max_iter"],
                                         callback=cb)
     bar.close()
-    runs["IFT"] = dict(B=res.theta, x=res.x, log=res.log, stop=res.stop_reason,
-                       solves=ift_problem.solves, uncertified=ift_problem.uncertified)
+    return dict(B=res.theta, x=res.x, log=res.log, stop=res.stop_reason, solves=problem.solves,
+                uncertified=problem.uncertified)
 
+
+def run_lista_method(cfg: dict, make_problem, A, x0) -> dict:
+    """ADP LISTA from ``(B, x) = (A, x0)``; with ``lista_paper_loss`` its logged ``upper_loss`` is
+    ``2g`` (the paper's code logs ``‖Ax − y‖²`` for LISTA, ``½‖Ax − y‖²`` for the others; its
+    training is unchanged)."""
     bar, cb = _progress(cfg, cfg["lista_steps"], "ADP LISTA")
     B, x, log, stop = run_lista(make_problem(), A.clone(), x0, cfg["lista_steps"], cfg["lista_layers"], cfg["step"],
                                 callback=cb)
     bar.close()
-    if cfg["lista_paper_loss"]:
-        log = [dict(r, upper_loss=2 * r["upper_loss"]) for r in log]
-    runs["LISTA"] = dict(B=B, x=x, log=log, stop=stop, solves=0, uncertified=0)
+    return dict(B=B, x=x, log=paper_lista_log(log) if cfg["lista_paper_loss"] else log, stop=stop, solves=0,
+                uncertified=0)
 
+
+def paper_lista_log(log: list[dict]) -> list[dict]:
+    """LISTA's log as the paper's code writes it: ``upper_loss`` = ``‖Ax − y‖²`` = 2g (no ½)."""
+    return [dict(r, upper_loss=2 * r["upper_loss"]) for r in log]
+
+
+def run_maid_method(cfg: dict, make_problem, A, x0) -> dict:
+    """ADP-MAID from ``(B, x) = (A, x0)`` (``paper_adjoint`` / ``maid_paper_stop``: :class:`PaperDefects`)."""
     bar, cb = _progress(cfg, cfg["maid_iters"], "ADP-MAID")
-    maid_problem = make_problem(paper_adjoint=cfg["paper_adjoint"], paper_stop=cfg["maid_paper_stop"])
-    res = maid.maid(maid_problem, A.clone(), x0, maid_config(cfg), callback=cb)
+    problem = make_problem(paper_adjoint=cfg["paper_adjoint"], paper_stop=cfg["maid_paper_stop"])
+    res = maid.maid(problem, A.clone(), x0, maid_config(cfg), callback=cb)
     bar.close()
-    runs["MAID"] = dict(B=res.theta, x=res.x, log=res.log, stop=res.stop_reason,
-                        solves=maid_problem.solves, uncertified=maid_problem.uncertified)
-    return runs
+    return dict(B=res.theta, x=res.x, log=res.log, stop=res.stop_reason, solves=problem.solves,
+                uncertified=problem.uncertified)
+
+
+METHODS = {"IFT": run_ift, "LISTA": run_lista_method, "MAID": run_maid_method}
+
+
+def run_methods(cfg: dict, make_problem, A, x0) -> dict:
+    """``{name: dict(B, x, log, stop, solves, uncertified)}`` for ADP IFT, ADP LISTA and ADP-MAID
+    (:data:`METHODS`), each from ``(B, x) = (A, x0)``; ``make_problem(**defects)`` builds
+    :class:`PaperDefects` with the switches each method uses."""
+    return {name: METHODS[name](cfg, make_problem, A, x0) for name in NAMES}
 
 
 def evaluate(runs: dict, problem, x_true, target: float, eval_eps: float) -> None:
@@ -375,14 +392,20 @@ def run(cfg: dict | None = None, **overrides) -> dict:
         torch.set_default_dtype(saved_dtype)
 
 
-def _run(cfg: dict, out_dir: str) -> dict:
+def setup(cfg: dict):
+    """``(t_grid, x_true, A, y, x0, make_problem)``: the data of SPEC §4.1 and a constructor of the
+    shared lower level (``make_problem(paper_adjoint=…, paper_stop=…)`` → :class:`PaperDefects`)."""
     t_grid, x_true, A, y = make_data(cfg["n"], cfg["h"], cfg["noise"], cfg["seed"])
-    x0 = torch.zeros(cfg["n"])
 
     def make_problem(**defects):
         return PaperDefects(A, y, cfg["alpha1"], cfg["alpha2"], cfg["lower_step"], x_true=x_true,
                             scale=cfg["upper_scale"], **defects)
 
+    return t_grid, x_true, A, y, torch.zeros(cfg["n"]), make_problem
+
+
+def _run(cfg: dict, out_dir: str) -> dict:
+    t_grid, x_true, A, y, x0, make_problem = setup(cfg)
     for k, v in cfg.items():
         if v != DEFAULTS[k]:
             print(f"override: {k} = {v!r}")
@@ -408,13 +431,14 @@ def _run(cfg: dict, out_dir: str) -> dict:
                    maid_config=maid.config_dict(maid_config(cfg)),
                    methods={k: {kk: vv for kk, vv in runs[k].items() if kk not in ("B", "x", "log")} for k in NAMES})
     figures.save_json(os.path.join(out_dir, "summary.json"), summary)
-    figures.save_torch(os.path.join(out_dir, "operators.pt"),
-                       {k: dict(B=runs[k]["B"], x=runs[k]["x"]) for k in NAMES} | dict(A=A, y=y, x_true=x_true))
+    if cfg["save_operators"]:
+        figures.save_torch(os.path.join(out_dir, "operators.pt"),
+                           {k: dict(B=runs[k]["B"], x=runs[k]["x"]) for k in NAMES} | dict(A=A, y=y, x_true=x_true))
     reconstructions_figure(out_dir, t_grid, x_true, y, sol_init.x, err_init, runs)
     operators_figure(out_dir, A, runs)
     loss_figures(out_dir, cfg, runs, target)
     print(f"wrote {out_dir}: reconstructions.png, operators.png, loss_vs_time.png, loss_vs_lower_iters.png, "
-          "log_*.json/csv, summary.json, operators.pt")
+          "log_*.json/csv, summary.json" + (", operators.pt" if cfg["save_operators"] else ""))
     print("time_to_IFT_loss " + " ".join(f"{k}={_fmt(runs[k]['time_to_target'], '.2f')}"
                                          for k in ("MAID", "IFT", "LISTA")))
     return dict(summary, out_dir=out_dir)
