@@ -5,7 +5,9 @@
 
 ``P`` is the kernel penalty (``kernel_penalty``): ``'h1_squared'`` (default) ``P(d) = ‖d‖²_{H¹}``
 (smooth), or ``'h1'`` ``P(d) = ‖d‖_{H¹}`` (unsquared, the paper's; not differentiable at ``b = b₀``,
-where the subgradient 0 is used, see :func:`operators.h1_norm_grad`).  ``P`` does not depend on
+where the subgradient 0 is used, see :func:`operators.h1_norm_grad`).  ``ADP.py`` runs the
+unsquared penalty exactly instead: β = 0 here and ``β‖b − b₀‖_{H¹}`` as the prox of proximal MAID
+(``ADP.build_composite``, :class:`prox.H1NormPenalty`).  ``P`` does not depend on
 ``x``, so none of the error-bound constants below depends on the choice.
 
 ``A_up`` is the learned operator ``B_b`` (``upper_operator='learned'``, the default, what the

@@ -16,8 +16,11 @@ Mapping of the paper code's normalisations onto ours:
   it descends, as in the paper's code; the run prints the ratio.  Not converged.
 * upper level: ‖B_b x − y‖²/3 + 100‖b − b₀‖_{H¹}: the learned operator (``upper_operator``), the
   data term divided by the 3 channels (``upper_normalisation = "channels"``; ours divides by n,
-  the number of entries of y), β = 100 on the unsquared H¹ norm (``kernel_penalty = "h1"``, whose
-  subgradient at b = b₀ is taken as 0 until the proximal MAID step replaces it).
+  the number of entries of y), β = 100 on the unsquared H¹ norm (``kernel_penalty = "h1"``).  ADP.py
+  handles this norm exactly, as the non-smooth part of proximal MAID (``ADP.build_composite``:
+  β‖b − b₀‖_{H¹} leaves g and enters through its prox, :class:`prox.H1NormPenalty`), so b₀ is
+  a stationary point whenever the data term's slope is below β in the dual norm; until issue 17
+  the driver used the subgradient 0 at b₀ instead (the paper's code differentiates through it).
 * MAID: ε₀ = 1 (δ₀ = ε₀), stop when ε < 10⁻⁶, at most 41 upper iterations, initial step
   α₀ = 10⁻⁶ on the paper's g (the driver runs MAID on our n-normalised g = g_paper/c, c = n/3,
   with the step c·α₀, δ₀/c and β/c: the same iterates, see ``ADP.upper_scale``),
@@ -27,8 +30,8 @@ Mapping of the paper code's normalisations onto ours:
 Which of the paper code's defects this preset reproduces (SPEC §5):
 
 * reproduced: the under-converged TV baseline (fixed 100 iterations, too-small step); the
-  data term over 3 instead of n; the unsquared, non-differentiable H¹ penalty (subgradient 0 at
-  b₀); the paper's small η.
+  data term over 3 instead of n; the unsquared, non-differentiable H¹ penalty (here by its exact
+  prox, not the paper's gradient step through it); the paper's small η.
 * not reproduced: the line-search step never reaching the optimiser (SPEC §3: our accepted
   steps move the kernel); b₀ sharing storage with b (our penalty is active from the start, and
   failed line searches do not move the kernel); the too-small step inside MAID's lower solves

@@ -138,6 +138,12 @@ BAD = [
     (lambda t: dict(regulariser="tv_huber"), "unknown regulariser"),
     (lambda t: dict(lower_solver="newton"), "lower_solver"),
     (lambda t: dict(resume=str(t / "missing.pt")), "no checkpoint"),
+    (lambda t: dict(kernel_constraint="box"), "unknown kernel_constraint 'box'"),
+    (lambda t: dict(kernel_penalty="l1"), "unknown kernel_penalty 'l1'"),
+    (lambda t: dict(learned_kernel_size=6), "learned_kernel_size must be 0"),
+    (lambda t: dict(learned_kernel_size=3), "learned_kernel_size must be 0"),
+    (lambda t: dict(learned_kernel_size=-1), "learned_kernel_size must be 0"),
+    (lambda t: dict(learned_kernel_size=41, size_x=32, size_y=32), "no larger than the image"),
 ]
 
 
@@ -290,8 +296,9 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, message):
     assert message in lines[0] and p.stdout == "" and os.listdir(tmp_path) == []
 
 
-def _interrupt_after_iterations(args, n):
-    """Start ADP.py, send SIGINT once tqdm shows ≥ n finished upper iterations."""
+def _interrupt_after_iterations(args, n, sig=signal.SIGINT):
+    """Start ADP.py, send ``sig`` (Ctrl-C's SIGINT by default) once tqdm shows ≥ n finished upper
+    iterations."""
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ADP.py"), *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen = []
@@ -306,7 +313,7 @@ def _interrupt_after_iterations(args, n):
             m = re.findall(rb"MAID:.*?\|\s*(\d+)/\d+", buf[-200:])
             if m and int(m[-1]) >= n and not seen:
                 seen.append(True)
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(sig)
 
     t = threading.Thread(target=reader, daemon=True)
     t.start()
@@ -353,3 +360,32 @@ def test_outputs_get_the_usual_file_permissions(small_run):
     os.umask(umask)
     for f in FILES:
         assert os.stat(os.path.join(s["run_dir"], f)).st_mode & 0o777 == 0o666 & ~umask, f
+
+
+@pytest.mark.slow
+def test_sigterm_is_a_clean_interrupt_with_a_checkpoint(small_run, tmp_path):
+    """SIGTERM (kill, a batch system's time limit) takes Ctrl-C's path: exit 130, every output and a
+    checkpoint from which the run resumes to the uninterrupted run's kernel."""
+    out, full = small_run
+    code, stdout, sent = _interrupt_after_iterations([f"--{k}={v}" for k, v in SMALL.items() if k != "progress"] +
+                                                     [f"--results_dir={tmp_path / 'cut'}"], 2, signal.SIGTERM)
+    assert sent and code == 130, stdout
+    cut_dir = stdout.strip().splitlines()[-1]
+    assert "--resume=" in stdout and all(os.path.isfile(os.path.join(cut_dir, f)) for f in FILES)
+    assert 2 <= len(read_log(cut_dir)) < 4
+    res = ADP.run(resume=cut_dir, results_dir=str(tmp_path / "resumed"), progress=False)
+    k_full = torch.load(os.path.join(full["run_dir"], "kernel.pt"))["b_star"]
+    assert torch.equal(torch.load(os.path.join(res["run_dir"], "kernel.pt"))["b_star"], k_full)
+
+
+def test_resume_keeps_the_saved_upper_iter_unless_given(tmp_path):
+    """--resume takes upper_iter from the checkpoint (not today's default) unless it is given; the
+    run-local settings come from the command; any other changed setting is refused."""
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"config": dict(ADP.DEFAULTS, upper_iter=7, beta=0.3, results_dir="elsewhere"), "state": {}}, ckpt)
+    cfg, _ = ADP.resolve_config({"resume": str(ckpt)})
+    assert (cfg["upper_iter"], cfg["beta"], cfg["results_dir"]) == (7, 0.3, ADP.DEFAULTS["results_dir"])
+    cfg, _ = ADP.resolve_config({"resume": str(ckpt), "upper_iter": 12})
+    assert cfg["upper_iter"] == 12 and cfg["beta"] == 0.3
+    with pytest.raises(ConfigError, match="--kernel_constraint"):
+        ADP.resolve_config({"resume": str(ckpt), "kernel_constraint": "simplex"})

@@ -23,7 +23,7 @@ import os
 import pytest
 import torch
 
-from imaging import make_data
+from imaging import make_data, true_kernel
 from lower_level import LowerLevel, solve_lower
 from operators import Blur, h1_penalty, make_kernel
 from regularisers import make_regulariser
@@ -88,6 +88,15 @@ def test_driver_table_matches_saved_outputs(tmp_path, setting, upper_operator):
     change = (torch.linalg.vector_norm(b_star - b0) / torch.linalg.vector_norm(b0)).item()
     assert math.isclose(summary["kernel_change"], change, rel_tol=1e-12, abs_tol=1e-15)
     assert (change > 0) == (summary["accepted"] > 0)
+    b_true = true_kernel(cfg)
+    assert torch.equal(kernels["b_true"], b_true)
+    if setting == "semiblind":            # ‖b* − b_true‖/‖b₀ − b_true‖ with b₀, b* padded to b_true's 9×9
+        p = (b_true.shape[-1] - b0.shape[-1]) // 2
+        pad = lambda t: torch.nn.functional.pad(t, (p, p, p, p))  # noqa: E731
+        ratio = (torch.linalg.vector_norm(pad(b_star) - b_true) / torch.linalg.vector_norm(pad(b0) - b_true)).item()
+        assert math.isclose(summary["kernel_error_ratio"], ratio, rel_tol=1e-12)
+    else:
+        assert torch.equal(b_true, b0) and summary["kernel_error_ratio"] is None
 
     # the upper operator: the last logged loss is g at the saved (x, b*)
     A_up = Blur(b_star if upper_operator == "learned" else b0, y.shape[-2:])
