@@ -3,6 +3,8 @@
 The problems are scalar or 2-vector quadratics with ``x̂ = θ`` and ``f(θ) = ½‖θ − 5‖²`` (so
 ``∇f = θ − 5`` exactly, the reference for every hypergradient below); spies record what MAID
 passes to the problem."""
+import math
+
 import pytest
 import torch
 
@@ -92,3 +94,35 @@ def test_config_dict_round_trips():
     cfg = MAIDConfig(eps0=0.3, tau=0.25, max_iter=7, cg_rel_tol=None)
     d = config_dict(cfg)
     assert isinstance(d, dict) and MAIDConfig(**d) == cfg and d["tau"] == 0.25
+
+
+def test_accelerated_gradient_with_given_L_takes_the_written_first_step():
+    """With ``L`` and ``μ`` given there is no backtracking: one iteration from ``x₀`` is
+    ``x₁ = x₀ − ∇h(x₀)/L``, ``y₁ = x₁ + β(x₁ − x₀)``, ``β = (1 − √(μ/L))/(1 + √(μ/L))`` (no restart:
+    ``⟨∇h(x₀), x₁ − x₀⟩ = −‖∇h‖²/L < 0``), and ``y₁`` is returned at the cap.  ``L = 40`` is 10× the
+    true smoothness 4 of ``h = ½Σλᵢ(xᵢ − cᵢ)²``, ``λ ∈ [1, 4]``, so a backtracking solver would pick
+    another step.  Reference: the recurrence in float64 (1e-15)."""
+    from maid import AcceleratedGradient
+
+    lam, c = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([1.0, -2.0, 0.5])
+    res = AcceleratedGradient(lambda x, th: 0.5 * (lam * (x - c) ** 2).sum(), mu=1.0, L=40.0)(
+        torch.zeros(1), torch.zeros(3), 1e-12, 1)
+    x1 = -lam * (-c) / 40.0
+    q = math.sqrt(1.0 / 40.0)
+    assert res.iters == 1 and torch.allclose(res.x, x1 + (1 - q) / (1 + q) * x1, rtol=0, atol=1e-15)
+
+
+def test_autodiff_problem_default_constants_use_the_given_mu():
+    """Without ``constants=...``, ``AutodiffProblem.error_constants`` reports ``μ`` as given (a number
+    or a function of θ) and 0 when not given (no strong convexity claimed), ``L_g`` as given, and
+    ∞ for the unknown ``‖J‖``, ``L_J``, ``L_{H⁻¹}`` (so ω = ∞)."""
+    from maid import AutodiffProblem
+
+    def h(x, th):
+        return 0.5 * ((x - th) ** 2).sum()
+
+    x, th = torch.zeros(2), torch.ones(2)
+    for mu, expected in [(2.5, 2.5), (lambda t: 3.0 * t.sum().item(), 6.0), (None, 0.0)]:
+        c = AutodiffProblem(h, h, mu=mu, L_g=1.5).error_constants(x, th)
+        assert c.mu == expected and c.L_g == 1.5
+        assert c.J_norm == c.L_J == c.L_Hinv == math.inf
