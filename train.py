@@ -75,7 +75,7 @@ ift_eps = 1e-3             # IFT's fixed accuracy per image
 epochs = 1000              # passes over the training set, at most
 budget = 200000            # total computations (lower + CG iterations), at most
 eval_points = 10           # test evaluations spread over the budget (plus one at the start)
-eval_eps = 1e-3            # accuracy of the evaluation solves, per image
+eval_eps = 1e-2            # accuracy of the evaluation solves, per image (moves a ~28 dB test PSNR by ≤ 0.03 dB at 96×96)
 seed = 0                   # crops, split, noise, filters and batches
 threads = 0                # torch CPU threads (0: torch's default; 1 on a shared machine)
 # output and machine

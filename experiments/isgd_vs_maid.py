@@ -13,6 +13,17 @@ Every train.py setting can be overridden with ``--name=value`` and applies to al
 * ``maid`` — MAID on the full training set (maid.py), initial ``ε₀``, ``α₀``;
 * ``ift`` — inexact GD on the full training set with fixed accuracy ``ift_eps`` and step ``α₀``.
 
+Splitting the work (e.g. two processes on two cores)::
+
+    python experiments/isgd_vs_maid.py --out=Results/cmp --methods=maid,isgd_decreasing
+    python experiments/isgd_vs_maid.py --out=Results/cmp --methods=isgd,ift
+    python experiments/isgd_vs_maid.py --out=Results/cmp            # reuses all four, writes the table
+
+``--out=FOLDER`` names the comparison folder (created if missing) instead of a new time-stamped
+one; a method whose run folder there holds a ``summary.json`` with the same settings is read
+back, not rerun (different settings: one clear line, nothing run).  ``--methods`` runs a subset;
+the table and the last line then cover the methods present.
+
 Output: a new folder under ``results_dir`` with the four run folders (train.py's outputs),
 ``curves.png`` (training loss and test PSNR of all methods against computations and wall time),
 ``comparison.json``; a table of test PSNR at 25 %, 50 % and 100 % of the budget (the first
@@ -43,7 +54,7 @@ METHODS = {
     "ift": dict(method="ift"),
 }
 QUICK = dict(train_size=8, test_size=4, batch_size=4, img_size=32, foe_filters=4, foe_size=5, budget=4000,
-             eval_points=8)
+             eval_points=8, threads=1)
 FRACTIONS = (0.25, 0.5, 1.0)
 
 
@@ -61,30 +72,65 @@ def first_reaching(evals: list[dict], target: float):
     return next((e["computations"] for e in evals if e["test_psnr"] >= target), None)
 
 
-def run(cfg: dict | None = None, quick: bool = False, progress: bool = True, **overrides) -> dict:
-    """Run the four methods with the shared settings; returns the comparison dict."""
+def _reusable(run_dir: str, setting: dict) -> dict | None:
+    """The summary of a finished run in ``run_dir`` made with ``setting`` (None if there is none;
+    ConfigError if there is one with other settings)."""
+    import json
+
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.isfile(path):
+        return None
+    with open(os.path.join(run_dir, "config.json")) as f:
+        saved = json.load(f)
+    differ = sorted(k for k in train.DEFAULTS if k not in train._RUN_LOCAL and saved.get(k) != setting[k])
+    config.check(not differ, f"{run_dir} was run with other settings ({', '.join(differ)}); choose another --out")
+    with open(path) as f:
+        return json.load(f)
+
+
+def run(cfg: dict | None = None, quick: bool = False, progress: bool = True, out: str = "",
+        methods: tuple[str, ...] = tuple(METHODS), **overrides) -> dict:
+    """Run ``methods`` with the shared settings (reusing finished runs in ``out``); returns the
+    comparison dict."""
     import figures
 
     base = config.resolve(train.DEFAULTS, {**(QUICK if quick else {}), **(cfg or {}), **overrides}, train.RENAMED)
     config.check(not base["resume"], "--resume is not supported here; resume the single run with train.py")
     config.check(base["eval_points"] % 4 == 0, f"eval_points must be a multiple of 4 (25 % steps), got "
                                               f"{base['eval_points']}")
+    unknown = [m for m in methods if m not in METHODS]
+    config.check(methods and not unknown, f"unknown methods {unknown or '(none)'}; use some of {', '.join(METHODS)}")
     train.validate(base)
-    out = config.make_run_dir(base["results_dir"], time.strftime("%Y%m%d-%H%M%S") + "_isgd_vs_maid")
+    if out:
+        config.check(not os.path.isfile(out), f"--out={out!r} is a file; give a folder")
+        os.makedirs(out, exist_ok=True)
+    else:
+        out = config.make_run_dir(base["results_dir"], time.strftime("%Y%m%d-%H%M%S") + "_isgd_vs_maid")
     runs = {}
-    for name, setting in METHODS.items():
-        if progress:
-            print(f"== {name}", file=sys.stderr)
-        runs[name] = train.run({**base, **setting, "results_dir": out, "name": name}, progress=progress)
+    for name in METHODS:
+        run_dir = os.path.join(out, name)
+        setting = {**base, **METHODS[name], "results_dir": out, "name": name}
+        done = _reusable(run_dir, setting) if os.path.isdir(run_dir) else None
+        if done is not None:
+            runs[name] = done
+        elif name in methods:
+            config.check(not os.path.exists(run_dir), f"{run_dir} exists without a finished run; remove it first")
+            if progress:
+                print(f"== {name}", file=sys.stderr)
+            runs[name] = train.run(setting, progress=progress)
     budget = base["budget"]
     evals = {k: s["evals"] for k, s in runs.items()}
-    noisy = runs["isgd"]["scores"][next(iter(runs["isgd"]["scores"]))]["psnr"]
+    first = next(iter(runs.values()))
+    noisy = first["scores"][next(iter(first["scores"]))]["psnr"]
     train.curves_figure(evals, os.path.join(out, "curves.png"), noisy)
     table = {k: {f"{int(100 * f)}%": psnr_at(ev, budget, f) for f in FRACTIONS} for k, ev in evals.items()}
-    maid_final = evals["maid"][-1]["test_psnr"]
-    result = {"settings": base, "table": table, "initial": runs["isgd"]["test_psnr_initial"], "noisy": noisy,
+    maid_final = evals["maid"][-1]["test_psnr"] if "maid" in evals else None
+    result = {"settings": base, "table": table, "initial": first["test_psnr_initial"], "noisy": noisy,
               "train_seconds": {k: s["train_seconds"] for k, s in runs.items()},
-              "computations_to_maid_final": {k: first_reaching(ev, maid_final) for k, ev in evals.items()},
+              "computations": {k: s["computations"] for k, s in runs.items()},
+              "maid_final": maid_final,
+              "computations_to_maid_final": {k: None if maid_final is None else first_reaching(ev, maid_final)
+                                             for k, ev in evals.items()},
               "run_dirs": {k: s["run_dir"] for k, s in runs.items()}, "out": out}
     figures.save_json(os.path.join(out, "comparison.json"), result)
     return result
@@ -92,22 +138,27 @@ def run(cfg: dict | None = None, quick: bool = False, progress: bool = True, **o
 
 def main(argv: list[str]) -> int:
     quick = "--quick" in argv
-    argv = [a for a in argv if a != "--quick"]
+    own = {a.split("=", 1)[0][2:]: a.split("=", 1)[1] for a in argv if a.startswith(("--out=", "--methods="))}
+    argv = [a for a in argv if a != "--quick" and not a.startswith(("--out=", "--methods="))]
     try:
         cfg, _ = config.parse_argv(train.DEFAULTS, argv, train.RENAMED)
         explicit = {k: v for k, v in cfg.items() if v != train.DEFAULTS[k]}
-        r = run(explicit, quick=quick)
+        methods = tuple(m for m in own.get("methods", ",".join(METHODS)).split(",") if m)
+        r = run(explicit, quick=quick, out=own.get("out", ""), methods=methods)
     except config.ConfigError as e:
         config.fail(_PROG, e)
     s = r["settings"]
     print(f"\n{s['problem']}, σ = {s['noise_level']:.4g}, {s['train_size']} train / {s['test_size']} test crops "
           f"{s['img_size']}×{s['img_size']}, {s['regulariser']}, budget {s['budget']} computations")
-    print(f"{'method':16s} " + " ".join(f"{k:>8s}" for k in r["table"]["isgd"]) + f" {'train s':>8s} "
+    print(f"{'method':16s} " + " ".join(f"{int(100 * f)}%".rjust(8) for f in FRACTIONS) + f" {'train s':>8s} "
           f"{'comp. to MAID final':>20s}")
     for k, row in r["table"].items():
         reach = r["computations_to_maid_final"][k]
+        reach = "n/a" if r["maid_final"] is None else "never" if reach is None else reach
         print(f"{k:16s} " + " ".join(f"{v:8.2f}" for v in row.values()) + f" {r['train_seconds'][k]:8.1f} "
-              f"{'never' if reach is None else reach:>20}")
+              f"{reach:>20}")
+    if r["maid_final"] is not None:
+        print(f"MAID's final test PSNR {r['maid_final']:.2f} dB after {r['computations']['maid']} computations")
     print(f"initial regulariser {r['initial']:.2f} dB, noisy {r['noisy']:.2f} dB; results in {r['out']}")
     final = {k: row["100%"] for k, row in r["table"].items()}
     print("test_psnr " + " ".join(f"{k}={v:.2f}" for k, v in final.items()) + f" initial={r['initial']:.2f}")
