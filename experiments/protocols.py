@@ -9,7 +9,8 @@ regularisers, ``ADPBetaProblem``, ``lower_level``, ``maid``); nothing here downl
 **Data.**  ``imaging.make_data`` for every row: RGB, σ = 5/255, seed 0, the 5×5 diagonal motion
 kernel ``b₀``; ``semiblind_0.5`` / ``semiblind_1.5`` blur the data with the motion kernel and then
 an unknown 5×5 Gaussian of σ = 0.5 / 1.5 (``setting_kernels`` makes it ``min(5, k)`` wide), so the
-true kernel is the 9×9 composition :func:`compose_kernels`, the oracle's kernel.
+true kernel is the 9×9 composition ``imaging.true_kernel``, the oracle's kernel (kernels are
+compared with ``imaging.pad_kernel`` / ``imaging.kernel_error_ratio``).
 
 **The paper's protocol in our normalisation.**  The paper's code minimises, over the kernel,
 
@@ -43,9 +44,9 @@ What the paper protocol keeps of the paper's code, and what it does not (SPEC §
   reaches the optimiser (here the accepted step is the one taken); the paper's tiny fixed step
   inside MAID's lower solves (ours are certified FISTA solves, ``‖∇h‖ ≤ μ ε``, with μ₀ = 10⁻² as
   everywhere in the package, so the paper's lower level is strongly convex for every kernel).
-* the unsquared H¹ norm is non-differentiable at ``b = b₀``: the paper row uses the driver's
-  ``ADP.UnsquaredH1Problem`` (:func:`operators.h1_norm`, its gradient away from ``b₀`` and the
-  subgradient 0 at ``b₀``), as the paper's code descends it with plain (sub)gradient steps; the
+* the unsquared H¹ norm is non-differentiable at ``b = b₀``: the paper row uses
+  ``ADPBetaProblem(kernel_penalty='h1')`` (:func:`operators.h1_norm`, its gradient away from ``b₀``
+  and the subgradient 0 at ``b₀``), as the paper's code descends it with plain (sub)gradient steps; the
   proximal rows of ``reproduce_2d.py`` handle the norm exactly with proximal MAID.
 
 **The fair protocol.**  Isotropic smoothed TV with the package's grid-searched weight
@@ -67,7 +68,7 @@ import torch.nn.functional as F
 import adp_problem
 import lower_level
 import maid as maid_mod
-from imaging import make_data, setting_kernels
+from imaging import kernel_error_ratio, make_data, pad_kernel, true_kernel  # noqa: F401 (re-exported)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES_DIR = os.path.join(ROOT, "images")
@@ -138,36 +139,7 @@ def make_case(image: str, setting: str, size: int = 256, dtype=torch.float64) ->
     cfg = data_config(image, setting, size)
     dev = torch.device("cpu")
     x_true, b0, y = make_data(cfg, IMAGES_DIR, dev, dtype)
-    return Case(image, setting, x_true, y, b0, compose_kernels(setting_kernels(cfg, dtype, dev)[1]))
-
-
-def compose_kernels(kernels) -> torch.Tensor:
-    """The single kernel of the blurs ``kernels`` applied in order: their full 2D convolution,
-    ``(Σ kᵢ − (m − 1))`` wide (5×5 ∘ 5×5 → 9×9).  Convolution is commutative and, for
-    circular blurs of centred odd kernels, ``B_{a∗c} = B_c B_a`` exactly once the image is larger
-    than the composed kernel; the test checks that this kernel reproduces the data."""
-    out = kernels[0]
-    for k in kernels[1:]:
-        C, kk = out.shape[0], k.shape[-1]
-        # conv2d correlates; flipping the second kernel makes it a convolution
-        out = F.conv2d(out.transpose(0, 1), k.flip(-1, -2), padding=kk - 1, groups=C).transpose(0, 1)
-    return out
-
-
-def pad_kernel(b: torch.Tensor, size: int) -> torch.Tensor:
-    """``b`` (C, 1, k, k) zero-padded, centred, to ``size × size`` (size ≥ k, both odd)."""
-    p = (size - b.shape[-1]) // 2
-    if p < 0 or (size - b.shape[-1]) % 2:
-        raise ValueError(f"cannot pad a {b.shape[-1]}×{b.shape[-1]} kernel to {size}×{size}")
-    return F.pad(b, (p, p, p, p))
-
-
-def kernel_error_ratio(b: torch.Tensor, b0: torch.Tensor, b_true: torch.Tensor) -> float:
-    """``‖b − b_true‖/‖b₀ − b_true‖`` (kernels zero-padded to a common size); NaN when ``b₀ = b_true``."""
-    k = max(b.shape[-1], b0.shape[-1], b_true.shape[-1])
-    b, b0, bt = (pad_kernel(t, k) for t in (b, b0, b_true))
-    den = torch.linalg.vector_norm(b0 - bt).item()
-    return math.nan if den == 0 else torch.linalg.vector_norm(b - bt).item() / den
+    return Case(image, setting, x_true, y, b0, true_kernel(cfg, dtype, dev))
 
 
 def kernel_move(b: torch.Tensor, b0: torch.Tensor) -> float:
@@ -195,17 +167,12 @@ def adp_problem_for(case: Case, kind: str, weight: float, smoothing: float, beta
                     upper_operator: str = "learned", b0=None, known_kernel=None, metrics_fn=None,
                     kernel_penalty: str = "h1_squared"):
     """ADP-β on ``case`` (``b0`` defaults to the case's known kernel; ``known_kernel`` is ``A``'s
-    kernel for ``upper_operator='known'``, default ``b₀``).  ``kernel_penalty``: ``h1_squared`` →
-    ``adp_problem.ADPBetaProblem`` (β‖b − b₀‖²_{H¹}); ``h1`` → ``ADP.UnsquaredH1Problem`` (the
-    driver's unsquared β‖b − b₀‖_{H¹} on :func:`operators.h1_norm`, subgradient 0 at ``b₀``)."""
-    if kernel_penalty == "h1_squared":
-        cls = adp_problem.ADPBetaProblem
-    elif kernel_penalty == "h1":
-        from ADP import UnsquaredH1Problem as cls
-    else:
-        raise ValueError(f"unknown kernel_penalty {kernel_penalty!r}; use h1_squared or h1")
-    return cls(case.y, case.b0 if b0 is None else b0, make_reg(kind, weight, smoothing), beta, mu0=MU0,
-               upper_operator=upper_operator, known_kernel=known_kernel, metrics_fn=metrics_fn)
+    kernel for ``upper_operator='known'``, default ``b₀``).  ``kernel_penalty``: ``h1_squared``
+    (β‖b − b₀‖²_{H¹}) or ``h1`` (the unsquared β‖b − b₀‖_{H¹}, :func:`operators.h1_norm`, in ``g``
+    with its subgradient 0 at ``b₀``: what a gradient method such as the paper's descends)."""
+    return adp_problem.ADPBetaProblem(case.y, case.b0 if b0 is None else b0, make_reg(kind, weight, smoothing), beta,
+                                      mu0=MU0, upper_operator=upper_operator, known_kernel=known_kernel,
+                                      metrics_fn=metrics_fn, kernel_penalty=kernel_penalty)
 
 
 def h1_dual_norm(z: torch.Tensor) -> float:

@@ -126,14 +126,15 @@ class Row:
     fn: object
     group: str                 # paper | fair | oracle | prox | dip | data
     available: object = None   # () -> str | None: why the row cannot run now (None: it can)
+    settings: tuple = ()       # the settings the row is for (empty: all)
 
 
 ROWS: dict[str, Row] = {}
 
 
-def row(name: str, group: str, available=None):
+def row(name: str, group: str, available=None, settings: tuple = ()):
     def deco(fn):
-        ROWS[name] = Row(name, fn, group, available)
+        ROWS[name] = Row(name, fn, group, available, tuple(settings))
         return fn
     return deco
 
@@ -270,6 +271,95 @@ def _oracle(ctx):
                    stop="converged" if r.converged else "max_iter")
 
 
+# ---- proximal MAID rows (issue 17): ADP.py's kernel_constraint / kernel_penalty / learned_kernel_size ----
+SEMIBLIND = ("semiblind_0.5", "semiblind_1.5")
+PROX_KERNEL_SIZE = 9       # learned_kernel_size: the true kernel (motion∘Gaussian) is 9×9
+PRESET = os.path.join(_ROOT, "presets", "semiblind_strong.py")
+
+
+def _prox_available():
+    try:
+        import ADP
+    except Exception as e:  # noqa: BLE001  (a module being edited may fail to import)
+        return f"ADP.py cannot be imported ({type(e).__name__})"
+    missing = [k for k in ("kernel_constraint", "kernel_penalty", "learned_kernel_size") if k not in ADP.DEFAULTS]
+    missing += [f for f in ("build_composite", "learned_b0") if not callable(getattr(ADP, f, None))]
+    return f"ADP.py lacks {', '.join(missing)}" if missing else None
+
+
+def _preset_available():
+    if not os.path.isfile(PRESET):
+        return f"{os.path.relpath(PRESET, _ROOT)} is not there yet"
+    return _prox_available()
+
+
+def _adp_cfg(ctx, **settings) -> dict:
+    """ADP.py's configuration for this case: its DEFAULTS, the fair protocol's lower level and
+    β, this case's data, then ``settings``."""
+    import ADP
+    cfg = dict(ADP.DEFAULTS, regulariser=P.FAIR["tv_kind"], tv_weight=P.FAIR["tv_weight"],
+               tv_smoothing=P.FAIR["tv_smoothing"], mu0=P.MU0, beta=P.FAIR["beta"], upper_normalisation="n",
+               lower_solver="fista", upper_iter=P.FAIR["upper_iter"], threshold=P.FAIR["eps_min"])
+    cfg.update({k: v for k, v in P.data_config(ctx.case.image, ctx.case.setting, ctx.opts["size"]).items()
+                if k in ADP.DEFAULTS})
+    cfg.update(settings)
+    return cfg
+
+
+def _run_composite(ctx, name, cfg, x0, mcfg) -> dict:
+    """Proximal MAID on ADP.py's composite problem (``ADP.build_composite``: the smooth ``f`` and
+    the prox of ``r``) from ``ADP.learned_b0`` (b₀ zero-padded to ``learned_kernel_size``)."""
+    import ADP
+    from maid import maid
+    case = ctx.case
+    b0 = ADP.learned_b0(cfg, case.b0)
+    problem, prox = ADP.build_composite(cfg, case.y, b0)
+    res, sec = _timed(lambda: maid(problem, b0.clone(), x0.clone(), mcfg, prox=prox))
+    out = _maid_columns(ctx, name, res, sec)
+    sums = res.theta.sum(dim=(-1, -2)).flatten()
+    return dict(out, kernel_sum_min=sums.min().item(), kernel_sum_max=sums.max().item(),
+                kernel_min=res.theta.min().item())
+
+
+def _prox_row(operator: str, penalty: str):
+    """Kernel on the simplex, learned on 9×9 (b₀ zero-padded), fair α and MAID settings, warm start
+    from TV fair (as the fair rows); ``penalty``: ``h1_squared`` at the fair β, or ``h1``
+    (unsquared, by its prox) at the paper's β mapped to our normalisation (3β_p/n)."""
+    def fn(ctx):
+        beta = P.FAIR["beta"] if penalty == "h1_squared" else P.paper_upper_mapping(ctx.case.n)["beta"]
+        cfg = _adp_cfg(ctx, upper_operator=operator, kernel_penalty=penalty, kernel_constraint="simplex",
+                       learned_kernel_size=PROX_KERNEL_SIZE, beta=beta)
+        mcfg = P.fair_maid_config(_upper_iter(ctx, P.FAIR["upper_iter"]))
+        return dict(_run_composite(ctx, fn.row_name, cfg, _x_tv_fair(ctx), mcfg), beta=beta)
+    return fn
+
+
+for _name, _op, _pen in (("ADP prox simplex 9×9 learned", "learned", "h1_squared"),
+                         ("ADP prox simplex 9×9 known", "known", "h1_squared"),
+                         ("ADP prox simplex+H¹ 9×9 paper β", "learned", "h1")):
+    _fn = _prox_row(_op, _pen)
+    _fn.row_name = _name
+    row(_name, "prox", _prox_available, SEMIBLIND)(_fn)
+
+
+@row("ADP preset semiblind_strong", "prox", _preset_available, SEMIBLIND)
+def _adp_preset(ctx):
+    """``python ADP.py presets/semiblind_strong.py`` on this case's data: the preset's settings over
+    ADP.py's DEFAULTS (its lower level and MAID settings included), the data settings this
+    case's; MAID from ``x = y`` as ADP.run starts it."""
+    import ADP
+    import config as cfgmod
+    preset = cfgmod.load_preset(PRESET, ADP.DEFAULTS, ADP.RENAMED)
+    cfg = dict(ADP.DEFAULTS, **preset)
+    cfg.update({k: v for k, v in P.data_config(ctx.case.image, ctx.case.setting, ctx.opts["size"]).items()
+                if k in ADP.DEFAULTS})
+    if ctx.opts["upper_iter"]:
+        cfg["upper_iter"] = ctx.opts["upper_iter"]
+    mcfg = ADP.maid_config(cfg, ADP.upper_scale(cfg, ctx.case.y))
+    return dict(_run_composite(ctx, "ADP preset semiblind_strong", cfg, ctx.case.y, mcfg),
+                preset=", ".join(f"{k}={v}" for k, v in preset.items()))
+
+
 # ---- DIP rows (--with_dip): DIP.run(cfg) -> {psnr_es, ssim_es, psnr_best, ssim_best, ...} ----
 def _dip_available():
     try:
@@ -325,16 +415,22 @@ def selected_rows(opts) -> list[Row]:
     return out
 
 
-def run_case(image: str, setting: str, opts: dict, progress=None) -> dict:
-    """All selected rows on one case; returns ``{"case", "rows": [...], "skipped": {...}}`` and keeps
-    crops of the reconstructions and the learned kernels (tensors) under ``"images"``/``"kernels"``."""
+def run_case(image: str, setting: str, opts: dict, progress=None, only=None) -> dict:
+    """All selected rows on one case (``only``: just these of them); returns ``{"case", "rows": [...],
+    "skipped": {...}}`` and keeps crops of the reconstructions and the learned kernels (tensors)
+    under ``"images"``/``"kernels"``.  A row that cannot run (``available()``) or is not for this
+    setting (``Row.settings``) is listed under ``skipped`` with the reason."""
     torch.set_num_threads(opts["threads"])
     P.MU0 = opts["mu0"] or P.MU0_DEFAULT      # μ₀ of every row of this run (set in each worker process)
     case = P.make_case(image, setting, opts["size"])
     ctx = Context(case, opts)
     results, skipped = [], {}
     for r in selected_rows(opts):
+        if only is not None and r.name not in only:
+            continue
         why = r.available() if r.available else None
+        if r.settings and setting not in r.settings:
+            why = f"only for {', '.join(r.settings)}"
         if why:
             skipped[r.name] = why
         else:
@@ -342,13 +438,14 @@ def run_case(image: str, setting: str, opts: dict, progress=None) -> dict:
             results.append(dict(image=image, setting=setting, method=r.name, group=r.group, **res))
         if progress is not None:
             progress(r.name)
+    done = {r["method"] for r in results}
     return {"case": case.name, "image": image, "setting": setting, "rows": results, "skipped": skipped,
-            "images": {k: _thumb(v) for k, v in ctx.images.items() if k in _grid_rows(ROWS)},
-            "kernels": {k: v.float().cpu() for k, v in ctx.kernels.items()},
+            "images": {k: _thumb(v) for k, v in ctx.images.items() if k in _grid_rows(ROWS) and k in done},
+            "kernels": {k: v.float().cpu() for k, v in ctx.kernels.items() if k in done},
             "x_true": _thumb(case.x_true), "b0": case.b0, "b_true": case.b_true}
 
 
-THUMB = 48   # side of the stored centre crops (uint8): ~7 KB per image, cases/*.pt stay below 100 KB
+THUMB = 44   # side of the stored centre crops (uint8): ~6 KB per image, cases/*.pt stay below 100 KB
 
 
 def _crop(x, side=THUMB):
@@ -371,22 +468,44 @@ def _grid_rows(rows) -> list[str]:
 
 
 def _run_one(args):
-    """Worker (one process per job): one case, all its rows."""
-    image, setting, opts = args
-    return run_case(image, setting, opts)
+    """Worker (one process per job): one case, all its rows (or the rows ``only``)."""
+    image, setting, opts, only = args
+    return run_case(image, setting, opts, only=only)
+
+
+def merge_case(prev: dict, new: dict, order: list[str]) -> dict:
+    """A resumed case: ``prev``'s rows and ``new``'s (rows that were missing), in ``order``; a row
+    in ``new`` replaces a skip reason of ``prev``."""
+    rows = {r["method"]: r for r in prev["rows"]}
+    rows.update({r["method"]: r for r in new["rows"]})
+    skipped = {k: v for k, v in prev["skipped"].items() if k not in rows}
+    skipped.update(new["skipped"])
+    out = dict(prev, rows=[rows[n] for n in order if n in rows] + [r for n, r in rows.items() if n not in order],
+               skipped=skipped)
+    out["images"] = {**prev["images"], **new["images"]}
+    out["kernels"] = {**prev["kernels"], **new["kernels"]}
+    return out
 
 
 # ------------------------------------------------------------------------------------------
 # tables and figures
 # ------------------------------------------------------------------------------------------
 _COLS = ("psnr", "ssim", "maid_iters", "accepted", "lower_iters", "cg_iters", "time_s", "stop", "kernel_move",
-         "kernel_err_ratio", "stationarity")
+         "kernel_err_ratio", "stationarity", "kernel_sum_min", "kernel_sum_max", "beta")
 
 GAINS = {  # name: (row, reference row)
     "fair_known": ("ADP fair known", "TV fair"),
     "fair_learned": ("ADP fair learned", "TV fair"),
     "paper_protocol": ("ADP paper protocol", "TV paper 100 it"),
     "oracle": ("oracle TV", "TV fair"),
+}
+
+
+PROX_GAINS = {  # name: (row, reference row), per semiblind setting (prox_gain_db line)
+    "simplex_learned": ("ADP prox simplex 9×9 learned", "TV fair"),
+    "simplex_known": ("ADP prox simplex 9×9 known", "TV fair"),
+    "simplex_h1_paper_beta": ("ADP prox simplex+H¹ 9×9 paper β", "TV fair"),
+    "preset": ("ADP preset semiblind_strong", "TV fair"),
 }
 
 
@@ -424,6 +543,27 @@ def gains(case_results) -> dict:
     return out
 
 
+def _mean(v):
+    v = [x for x in v if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return sum(v) / len(v) if v else math.nan
+
+
+def setting_means(case_results, name, setting, col) -> float:
+    """Mean of ``col`` of row ``name`` over the cases of ``setting`` (NaN if none)."""
+    return _mean([r.get(col) for c in case_results if c["setting"] == setting for r in c["rows"] if r["method"] == name])
+
+
+def prox_gains(case_results) -> dict:
+    """``{gain: {setting: mean PSNR gain}}`` of :data:`PROX_GAINS` over the semiblind cases."""
+    out = {}
+    for g, (a, b) in PROX_GAINS.items():
+        out[g] = {}
+        for st in SEMIBLIND:
+            d = [_psnr_of(c, a) - _psnr_of(c, b) for c in case_results if c["setting"] == st]
+            out[g][st] = _mean(d)
+    return out
+
+
 def markdown_table(case_results, row_names) -> str:
     lines = []
     head = "| method | PSNR | SSIM | MAID it (acc.) | lower it | CG it | time [s] | stop | ‖b*−b₀‖/‖b₀‖ | ‖b*−b_true‖/‖b₀−b_true‖ |"
@@ -449,10 +589,26 @@ def markdown_table(case_results, row_names) -> str:
             lines.append(f"| {name} | {len(rs)} | {sum(r['psnr'] for r in rs) / len(rs):.2f} | "
                          f"{sum(r['ssim'] for r in rs) / len(rs):.4f} | "
                          f"{sum(r.get('time_s', 0.0) for r in rs) / len(rs):.1f} |")
+    sts = [st for st in dict.fromkeys(c["setting"] for c in case_results)]
+    lines += ["", "### mean per setting: PSNR [dB] (‖b*−b_true‖/‖b₀−b_true‖ for the learned kernels)", "",
+              "| method | " + " | ".join(sts) + " |", "|---|" + "---|" * len(sts)]
+    for name in row_names:
+        cells = []
+        for st in sts:
+            p = setting_means(case_results, name, st, "psnr")
+            k = setting_means(case_results, name, st, "kernel_err_ratio")
+            cells.append("" if math.isnan(p) else f"{p:.2f}" + ("" if math.isnan(k) else f" ({k:.3f})"))
+        if any(cells):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     g = gains(case_results)
     lines += ["", "| gain | rows | per case [dB] | mean [dB] |", "|---|---|---|---|"]
     for k, (a, b) in GAINS.items():
         lines.append(f"| {k} | {a} − {b} | {', '.join(f'{v:+.2f}' for v in g[k]['per_case'])} | {g[k]['mean']:+.3f} |")
+    pg = prox_gains(case_results)
+    for k, (a, b) in PROX_GAINS.items():
+        for st, v in pg[k].items():
+            if not math.isnan(v):
+                lines.append(f"| {k} @ {st} | {a} − {b} | | {v:+.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -608,34 +764,45 @@ def run(cfg: dict | None = None, **overrides) -> dict:
     opts["_run_dir"] = run_dir
     figures.save_json(os.path.join(run_dir, "config.json"), {k: v for k, v in opts.items() if not k.startswith("_")})
     names = [r.name for r in selected_rows(opts)]
-    todo, done = [], {}
+    todo, done, prevs = [], {}, {}
     for im in opts["_images"]:
         for s in opts["_settings"]:
             prev = _load_case(opts["resume"], im, s) if opts["resume"] else None
+            missing = None
             if prev is not None:
-                done[(im, s)] = prev
-                _save_case(run_dir, prev)
-            else:
-                todo.append((im, s))
-    bar = tqdm(total=len(todo) * len(names), desc="reproduce_2d", unit="row", dynamic_ncols=True)
+                have = {r["method"] for r in prev["rows"]}
+                missing = [n for n in names if n not in have]
+                if not missing:
+                    done[(im, s)] = prev
+                    _save_case(run_dir, prev)
+                    continue
+                prevs[(im, s)] = prev
+            todo.append((im, s, missing))
+
+    def finish(res):
+        key = (res["image"], res["setting"])
+        if key in prevs:
+            res = merge_case(prevs[key], res, names)
+        done[key] = res
+        _save_case(run_dir, res)
+
+    bar = tqdm(total=sum(len(m) if m else len(names) for *_, m in todo), desc="reproduce_2d", unit="row",
+               dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
         if opts["jobs"] == 1:
-            for im, s in todo:
+            for im, s, only in todo:
                 bar.set_postfix_str(f"{im}/{s}")
-                res = run_case(im, s, opts, progress=lambda name: bar.update(1))
-                done[(im, s)] = res
-                _save_case(run_dir, res)
+                finish(run_case(im, s, opts, progress=lambda name: bar.update(1), only=only))
         else:
             from concurrent.futures import ProcessPoolExecutor, as_completed
             import multiprocessing as mp
             with ProcessPoolExecutor(opts["jobs"], mp_context=mp.get_context("spawn")) as ex:
-                futs = [ex.submit(_run_one, (im, s, opts)) for im, s in todo]
+                futs = {ex.submit(_run_one, (im, s, opts, only)): len(only) if only else len(names)
+                        for im, s, only in todo}
                 for fu in as_completed(futs):        # each case is saved as soon as it is done
-                    res = fu.result()
-                    done[(res["image"], res["setting"])] = res
-                    _save_case(run_dir, res)
-                    bar.update(len(names))
+                    finish(fu.result())
+                    bar.update(futs[fu])
     except KeyboardInterrupt:
         bar.close()
         print(f"interrupted: {len(done)} finished cases are in {run_dir}/cases; continue with "
@@ -655,7 +822,7 @@ def run(cfg: dict | None = None, **overrides) -> dict:
     gains_figure(case_results, os.path.join(run_dir, "gains.png"))
     g = gains(case_results)
     skipped = {k: v for c in case_results for k, v in c["skipped"].items()}
-    summary = {"gains": g, "skipped_rows": skipped, "seconds": time.perf_counter() - t0,
+    summary = {"gains": g, "prox_gains": prox_gains(case_results), "skipped_rows": skipped, "seconds": time.perf_counter() - t0,
                "cases": [c["case"] for c in case_results], "paper_mapping_n": case_results[0]["rows"] and
                P.paper_upper_mapping(3 * opts["size"] ** 2)}
     figures.save_json(os.path.join(run_dir, "summary.json"), summary)
@@ -680,6 +847,9 @@ def main(argv):
     for k, v in out["skipped"].items():
         print(f"not run: {k} ({v})")
     print(out["run_dir"])
+    pg = prox_gains(out["cases"])
+    print("prox_gain_db " + " ".join(f"{k}@{st}={v:.3f}" for k, d in pg.items() for st, v in d.items()
+                                     if not math.isnan(v)))
     g = out["gains"]
     print("adp_gain_db " + " ".join(f"{k}={g[k]['mean']:.3f}" for k in GAINS))
     return 0

@@ -20,7 +20,7 @@ from operators import Blur  # noqa: E402
 
 
 def test_true_kernel_reproduces_the_data():
-    """The oracle's 9×9 kernel (motion ∘ Gaussian σ = 1.5, :func:`protocols.compose_kernels`) blurs
+    """The oracle's 9×9 kernel (motion ∘ Gaussian σ = 1.5, ``imaging.true_kernel`` via ``make_case``) blurs
     the ground truth into exactly the noise-free data of ``imaging.make_data`` (reference: the
     generator's two successive blurs).  Both are float64 FFT convolutions of the same sums, so
     they agree to rounding (1e-12); a wrong flip, offset or order gives errors of order 1e-2."""
@@ -36,10 +36,43 @@ def test_true_kernel_reproduces_the_data():
 def test_kernel_error_ratio_endpoints():
     """``‖b − b_true‖/‖b₀ − b_true‖`` is 1 at ``b = b₀`` and 0 at ``b = b_true`` (padding to a
     common size must keep the kernels centred; an off-centre pad gives neither)."""
+    from imaging import kernel_error_ratio, pad_kernel
     case = P.make_case("astronaut", "semiblind_0.5", size=16)
-    assert P.kernel_error_ratio(case.b0, case.b0, case.b_true) == pytest.approx(1.0, abs=1e-14)
-    assert P.kernel_error_ratio(case.b_true, case.b0, case.b_true) == pytest.approx(0.0, abs=1e-14)
-    assert P.kernel_move(P.pad_kernel(case.b0, 9), case.b0) == 0.0
+    assert kernel_error_ratio(case.b0, case.b0, case.b_true) == pytest.approx(1.0, abs=1e-14)
+    assert kernel_error_ratio(case.b_true, case.b0, case.b_true) == pytest.approx(0.0, abs=1e-14)
+    assert P.kernel_move(pad_kernel(case.b0, 9), case.b0) == 0.0
+    assert P.kernel_move(2 * case.b0, case.b0) == pytest.approx(1.0, rel=1e-14)
+
+
+def test_prox_rows_keep_the_kernel_on_the_simplex_and_9x9():
+    """The proximal rows of reproduce_2d pass ADP.py's options through: the learned kernel is
+    9×9 (b₀ zero-padded), every channel sums to 1 (to 1e-9) with no negative entry, and the
+    unsquared-H¹ row at the paper's β reports that β (3·100/n).  A row that dropped
+    ``kernel_constraint`` would leave the 9×9 support's sums free (they drift by 1e-3–1e-2)."""
+    import reproduce_2d as R
+    if R._prox_available():
+        pytest.skip(R._prox_available())
+    opts = R.resolve(quick=True, size=24, upper_iter=3)
+    res = R.run_case("coffee", "semiblind_1.5", opts, only=[n for n, r in R.ROWS.items() if r.group == "prox"])
+    rows = {r["method"]: r for r in res["rows"]}
+    assert {"ADP prox simplex 9×9 learned", "ADP prox simplex 9×9 known", "ADP prox simplex+H¹ 9×9 paper β"} <= set(rows)
+    for name, r in rows.items():
+        assert res["kernels"][name].shape[-1] == 9
+        assert abs(r["kernel_sum_min"] - 1) < 1e-9 and abs(r["kernel_sum_max"] - 1) < 1e-9 and r["kernel_min"] >= 0
+        assert r["maid_iters"] <= 3
+    assert rows["ADP prox simplex+H¹ 9×9 paper β"]["beta"] == pytest.approx(300 / (3 * 24 * 24))
+
+
+def test_resume_merges_rows_in_order():
+    """``merge_case``: a resumed case keeps its finished rows, adds the new ones in the table's order,
+    and a row that ran replaces its earlier skip reason."""
+    import reproduce_2d as R
+    prev = {"rows": [{"method": "b", "psnr": 2.0}], "skipped": {"c": "not yet"}, "images": {"b": 1}, "kernels": {}}
+    new = {"rows": [{"method": "c", "psnr": 3.0}, {"method": "a", "psnr": 1.0}], "skipped": {},
+           "images": {"c": 2}, "kernels": {"c": 0}}
+    m = R.merge_case(prev, new, ["a", "b", "c"])
+    assert [r["method"] for r in m["rows"]] == ["a", "b", "c"] and m["skipped"] == {}
+    assert m["images"] == {"b": 1, "c": 2} and m["kernels"] == {"c": 0}
 
 
 def _paper_upper(x, b, y, b0):
