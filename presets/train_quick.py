@@ -8,3 +8,4 @@ foe_filters = 4
 foe_size = 5
 budget = 3000
 eval_points = 4
+threads = 1

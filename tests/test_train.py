@@ -83,3 +83,58 @@ def test_interrupt_keeps_a_checkpoint_and_resume_gives_the_uninterrupted_result(
     assert resumed["steps"] == full["steps"] and torch.equal(load(resumed), load(full))
     with pytest.raises(ConfigError):
         train.run(resume=ckpt, method="maid", results_dir=str(tmp_path / "x"), progress=False)
+
+
+def test_train_presets_load_and_validate():
+    """Every presets/train_*.py names only train.py settings, passes validate(), and the full preset
+    is the issue's target setting (96×96 FoE 10×7×7, σ = 25/255, budget 2·10⁵) while the default
+    run is a quarter of it."""
+    import glob
+
+    import config
+    found = {}
+    for path in sorted(glob.glob(os.path.join(_ROOT, "presets", "train_*.py"))):
+        cfg = {**train.DEFAULTS, **config.load_preset(path, train.DEFAULTS, train.RENAMED)}
+        train.validate(cfg)
+        found[os.path.basename(path)] = cfg
+    full = found["train_full.py"]
+    assert (full["img_size"], full["foe_filters"], full["foe_size"], full["budget"]) == (96, 10, 7, 200000)
+    assert full["noise_level"] == 25 / 255 and full["eval_points"] % 4 == 0
+    assert train.DEFAULTS["budget"] * 4 == full["budget"]
+
+
+def _load_comparison():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("isgd_vs_maid", os.path.join(_ROOT, "experiments", "isgd_vs_maid.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_comparison_refuses_unknown_methods_and_odd_eval_points(tmp_path):
+    cmp = _load_comparison()
+    for bad in (dict(methods=("maid", "adam")), dict(methods=()), dict(eval_points=6)):
+        with pytest.raises(ConfigError):
+            cmp.run(dict(_TINY, eval_points=4, results_dir=str(tmp_path)), progress=False,
+                    **{k: v for k, v in bad.items() if k == "methods"},
+                    **{k: v for k, v in bad.items() if k != "methods"})
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_comparison_split_over_calls_reuses_finished_runs(tmp_path):
+    """``--methods`` subsets into one ``--out`` folder: the second call runs only the missing method
+    and reads the first's run back (its summary file untouched), giving the same PSNR as a run of
+    its own; a call with other settings into the same folder is refused."""
+    cmp = _load_comparison()
+    cfg = dict(_TINY, eval_points=4, budget=600)
+    out = str(tmp_path / "cmp")
+    first = cmp.run(cfg, progress=False, out=out, methods=("isgd",))
+    stamp = os.path.getmtime(os.path.join(out, "isgd", "summary.json"))
+    both = cmp.run(cfg, progress=False, out=out, methods=("maid",))
+    assert set(both["table"]) == {"isgd", "maid"} and both["maid_final"] is not None
+    assert both["table"]["isgd"] == first["table"]["isgd"]
+    assert os.path.getmtime(os.path.join(out, "isgd", "summary.json")) == stamp
+    assert sorted(os.listdir(out)) == ["comparison.json", "curves.png", "isgd", "maid"]
+    with pytest.raises(ConfigError):
+        cmp.run(dict(cfg, budget=700), progress=False, out=out, methods=("isgd",))
