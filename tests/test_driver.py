@@ -22,7 +22,8 @@ from config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # small enough to be quick, and set so that the kernel moves (steps are accepted; the test asserts ≥ 2)
-SMALL = dict(size_x=48, size_y=40, upper_iter=4, device="cpu", step=30.0, eps0=1e-4, threshold=1e-6, progress=False)
+SMALL = dict(size_x=48, size_y=40, upper_iter=4, device="cpu", step=30.0, eps0=1e-4, threshold=1e-6, progress=False,
+             upper_operator="learned")
 FILES = ["comparison.png", "kernels.png", "convergence.png", "iterations.png", "log.csv", "config.json",
          "kernel.pt", "checkpoint.pt", "summary.json"]
 
