@@ -4,7 +4,8 @@
     python experiments/reproduce_2d.py --quick         # CI-sized: astronaut, 64×64, few iterations
     python experiments/reproduce_2d.py --images=astronaut --settings=semiblind_1.5
     python experiments/reproduce_2d.py --jobs=2        # two worker processes (one case at a time each)
-    python experiments/reproduce_2d.py --resume=Results/reproduction/<run>   # reuse finished cases
+    python experiments/reproduce_2d.py --resume=Results/reproduction/<run>   # reuse finished rows, run the rest
+    python experiments/reproduce_2d.py --resume=<run A>,<run B>              # merge two partial runs
 
 For every image (``images/``) and setting (``motion``, ``semiblind_0.5``, ``semiblind_1.5``; the
 data of ``imaging.make_data``, see ``experiments/protocols.py``) the rows of :data:`ROWS` run on
@@ -82,7 +83,7 @@ upper_iter = 0             # cap on MAID upper iterations of every ADP row (0: t
 jobs = 1                   # worker processes (each runs whole cases)
 threads = 1                # torch threads per process
 results_dir = "Results/reproduction"
-resume = ""                # a previous run folder: its finished cases are reused
+resume = ""                # previous run folder(s), comma-separated: their finished rows are reused (merged)
 list_rows = False          # print the row names and exit
 dip_iterations = 0         # DIP rows: Adam iterations (0: DIP.py's default)
 # sensitivity runs only (0: the fair protocol's value, protocols.FAIR); the table uses none of them
@@ -724,9 +725,9 @@ def resolve(cfg: dict | None = None, **overrides) -> dict:
     check(opts["upper_iter"] >= 0, f"upper_iter must be ≥ 0, got {opts['upper_iter']}")
     for k in ("fair_beta", "fair_threshold", "fair_step0", "mu0"):
         check(opts[k] >= 0 and math.isfinite(opts[k]), f"{k} must be ≥ 0 (0: the fair protocol's value), got {opts[k]}")
-    if opts["resume"]:
-        check(os.path.isdir(os.path.join(opts["resume"], "cases")),
-              f"--resume={opts['resume']!r} is not a reproduce_2d run folder (no cases/ inside)")
+    opts["_resume"] = [d.strip() for d in opts["resume"].split(",") if d.strip()]
+    for d in opts["_resume"]:
+        check(os.path.isdir(os.path.join(d, "cases")), f"--resume={d!r} is not a reproduce_2d run folder (no cases/ inside)")
     selected_rows(opts)   # unknown row names raise here
     opts["_images"], opts["_settings"] = ims, sts
     return opts
@@ -767,7 +768,11 @@ def run(cfg: dict | None = None, **overrides) -> dict:
     todo, done, prevs = [], {}, {}
     for im in opts["_images"]:
         for s in opts["_settings"]:
-            prev = _load_case(opts["resume"], im, s) if opts["resume"] else None
+            prev = None
+            for d in opts["_resume"]:             # later folders add the rows earlier ones lack
+                c = _load_case(d, im, s)
+                if c is not None:
+                    prev = c if prev is None else merge_case(prev, c, names)
             missing = None
             if prev is not None:
                 have = {r["method"] for r in prev["rows"]}
