@@ -17,7 +17,7 @@ long run do not mix into it; there ``mutmut run`` first runs the selected tests 
 which test calls which function, then, for every mutant (one small change to one function: an
 operator, a constant, a dropped call, ...), runs only the tests that call the mutated function
 and records whether one failed (killed), none failed (survived), or the tests ran past
-15 × their clean time (timeout: counted as killed, the mutant made a solver loop).  Threads: one
+10 × their clean CPU time (setup.cfg timeout_multiplier; timeout: counted as killed, the mutant made a solver loop).  Threads: one
 per worker (``OMP_NUM_THREADS=1``), workers ``--jobs`` (default 1), at ``nice`` 19.
 
 Score per module = killed / (killed + survived), where mutants that no selected test reaches
