@@ -3,6 +3,7 @@
     python experiments/dip_table.py                 # 4 images × {motion, semiblind}, DIP's CPU default size
     python experiments/dip_table.py --quick         # astronaut only, 64×64, short runs (a smoke test)
     python experiments/dip_table.py --images=coffee --settings=motion --threads=2
+    python experiments/dip_table.py --reuse_dip=Results/dip_table/<date-time>   # new TV/ADP rows, the DIP runs of an earlier table
 
 For every image and setting the data are made once per method by :func:`imaging.make_data` from
 the same values (image, size, setting, kernel size, σ's, noise level, seed: DIP.py's defaults at
@@ -16,6 +17,11 @@ run time, passed explicitly to both drivers, and checked equal in the summaries)
   simplex with the H¹ penalty).  One run gives four rows: the ES-WMV selection, the ES-EMV
   selection, the PSNR-best iterate in hindsight (the oracle, needs the ground truth) and the last
   iterate; the detection gap (oracle − ES-WMV, dB and iterations) is reported with the ES rows.
+
+``--reuse_dip=FOLDER`` takes the DIP rows from the runs of an earlier table (``FOLDER/dip/…``)
+instead of running DIP again, e.g. after ADP.py's defaults changed (DIP is the expensive part);
+each reused run's configuration must equal the one this table would run (else: refused, one
+line), so the data and the DIP settings are the same; its ``seconds`` are the original run's.
 
 DIP runs all its ``iterations`` (``stop_early`` off), so that the oracle and the last iterate are
 known; ``patience ran out`` says whether ES-WMV would have stopped the run by itself (with DIP.py's
@@ -51,6 +57,7 @@ settings = "motion,semiblind"   # motion: known kernel DIP; semiblind: semi-blin
 size = 0                   # image side in pixels (0: DIP.py's default size_x × size_y)
 dip_iterations = 0         # DIP's Adam iterations (0: DIP.py's default)
 adp_upper_iter = 0         # cap on MAID's upper iterations (0: ADP.py's default)
+reuse_dip = ""             # an earlier table's folder: take the DIP runs from it (same configurations) instead of rerunning
 threads = 1                # torch threads for every run (1 is fastest on an overloaded machine)
 quick = False              # smoke test: astronaut, 64×64, 200 DIP iterations, 5 upper iterations
 results_dir = "Results/dip_table"
@@ -69,6 +76,7 @@ import torch  # noqa: E402
 import ADP  # noqa: E402
 import DIP  # noqa: E402
 import figures  # noqa: E402
+import json  # noqa: E402
 from imaging import image_path  # noqa: E402
 
 
@@ -102,7 +110,7 @@ def plan(cfg: dict) -> list[dict]:
                 dip.update(size_x=cfg["size"], size_y=cfg["size"])
             if cfg["dip_iterations"]:
                 dip["iterations"] = cfg["dip_iterations"]
-            dip_cfg, _ = DIP.resolve_config(dip)
+            dip_cfg = DIP.effective_config(DIP.resolve_config(dip)[0], dip)
             DIP.validate(dip_cfg)
             adp = {k: dip_cfg[k] for k in DATA_KEYS} | {"progress": False}
             if cfg["adp_upper_iter"]:
@@ -111,7 +119,33 @@ def plan(cfg: dict) -> list[dict]:
             ADP.validate(adp_cfg)
             cases.append({"image": image, "setting": setting, "dip": dip, "adp": adp,
                           "data": {k: dip_cfg[k] for k in DATA_KEYS}, "dip_iterations": dip_cfg["iterations"]})
+            if cfg["reuse_dip"]:
+                cases[-1]["reused"] = reused_dip_run(cfg["reuse_dip"], image, setting, dip_cfg)
     return cases
+
+
+def reused_dip_run(folder: str, image: str, setting: str, dip_cfg: dict) -> dict:
+    """The DIP summary of (image, setting) from the earlier table in ``folder`` (as ``DIP.run``
+    returns it), after checking that its run used ``dip_cfg`` (all but the run-local settings)."""
+    try:
+        with open(os.path.join(folder, "summary.json")) as f:
+            rows = json.load(f)["rows"]
+        name = os.path.splitext(os.path.basename(image))[0]
+        run = next(r["run"] for r in rows if (r["image"], r["setting"]) == (name, setting)
+                   and r["method"].endswith("DIP, ES-WMV stop"))
+        run_dir = os.path.join(folder, run)
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            summary = json.load(f)
+        with open(os.path.join(run_dir, "config.json")) as f:
+            saved = json.load(f)["effective"]
+    except (OSError, ValueError, KeyError, TypeError, StopIteration) as e:
+        raise ConfigError(f"--reuse_dip={folder!r} holds no readable DIP run of {image} {setting} "
+                          f"({type(e).__name__}); give the folder of an earlier dip_table run") from None
+    diff = sorted(k for k in dip_cfg if k not in DIP._RUN_LOCAL and saved.get(k) != dip_cfg[k])
+    check(not diff, f"--reuse_dip: the DIP run of {image} {setting} in {folder!r} used other settings "
+                    f"({', '.join(f'{k}: {saved.get(k)!r} there, {dip_cfg[k]!r} here' for k in diff)}); rerun DIP "
+                    f"without --reuse_dip")
+    return dict(summary, run_dir=run_dir, config=saved)
 
 
 def _same_data(dip_cfg: dict, adp_cfg: dict) -> None:
@@ -124,7 +158,7 @@ def run_case(case: dict, run_dir: str) -> list[dict]:
     """The rows of one (image, setting): TV, ADP-β-MAID and the four DIP rows."""
     tag = {"image": os.path.splitext(os.path.basename(case["image"]))[0], "setting": case["setting"]}
     adp = ADP.run(case["adp"], results_dir=os.path.join(run_dir, "adp"))
-    dip = DIP.run(case["dip"], results_dir=os.path.join(run_dir, "dip"))
+    dip = case.get("reused") or DIP.run(case["dip"], results_dir=os.path.join(run_dir, "dip"))
     _same_data(dip["config"], adp["config"])
     sc = adp["scores"]
     rows = [dict(tag, method="TV (b₀)", psnr=sc["TV (b₀)"]["psnr"], ssim=sc["TV (b₀)"]["ssim"],
@@ -213,9 +247,12 @@ def run(given: dict) -> dict:
     d = cases[0]["data"]
     header = (f"DIP comparison: {', '.join(dict.fromkeys(r['image'] for r in rows))}; {d['size_y']}×{d['size_x']}, "
               f"noise σ = {d['noise_level'] * 255:.3g}/255, seed {d['seed']}, semiblind σ = {d['semiblind_sigma']}; "
-              f"DIP {cases[0]['dip_iterations']} iterations; {cfg['threads']} thread(s)")
+              f"DIP {cases[0]['dip_iterations']} iterations; {cfg['threads']} thread(s)"
+              + (f"; DIP runs reused from {cfg['reuse_dip']}" if cfg["reuse_dip"] else ""))
     with open(os.path.join(run_dir, "table.md"), "w") as f:
         f.write(markdown(rows, header))
+    cases = [{k: v for k, v in c.items() if k != "reused"} | {"reused_dip": c["reused"]["run_dir"]} if "reused" in c
+             else c for c in cases]
     out = {"options": cfg, "aggregate": agg, "rows": rows, "cases": cases, "adp_defaults": ADP.DEFAULTS,
            "dip_defaults": DIP.DEFAULTS, "torch": torch.__version__, "seconds": time.perf_counter() - t0}
     figures.save_json(os.path.join(run_dir, "summary.json"), out)
