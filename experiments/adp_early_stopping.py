@@ -7,7 +7,8 @@ reconstruction at each upper iteration, pick an iterate close to the PSNR-best o
 Any of ADP.py's settings can be overridden with ``--name=value``; this script's own defaults
 (below, ``OVERRIDES``) put ADP in a regime where it overfits: a small kernel penalty β (the kernel
 is free to fit the noise), MAID run to a tight threshold (1e-6) for more upper iterations, the
-learned upper operator ``A_up = B_b`` (ADP.py's default), the CPU size 128×128.
+learned upper operator ``A_up = B_b`` (the paper's 2D choice, set here explicitly: ADP.py's default
+became ``known``), the CPU size 128×128.
 
 The reconstruction ``x_j`` after each *accepted* upper iteration j is fed to ES-WMV (through
 :func:`maid.maid`'s ``callback(record, state)``, ``state.x``); a rejected iteration leaves the
@@ -44,7 +45,7 @@ from early_stopping import WindowedVariance  # noqa: E402
 from imaging import make_data, psnr_ssim, resolve_device  # noqa: E402
 from maid import maid  # noqa: E402
 
-OVERRIDES = {"size_x": 128, "size_y": 128, "beta": 1e-4, "threshold": 1e-6, "upper_iter": 60}
+OVERRIDES = {"size_x": 128, "size_y": 128, "beta": 1e-4, "threshold": 1e-6, "upper_iter": 60, "upper_operator": "learned"}
 ES_WINDOW, ES_PATIENCE = 5, 10
 REPLAY = [(w, p) for w in (3, 5, 8) for p in (5, 10, 20)]
 
