@@ -95,7 +95,7 @@ def main(argv: list[str]) -> int:
         p, s = psnr_ssim(x, x_true)
         return {"psnr": p, "ssim": s}
 
-    problem = ADP.build_problem(cfg, y, b0, metrics)
+    problem, prox = ADP.build_composite(cfg, y, b0, metrics)        # as ADP.run: smooth part and prox
     det = WindowedVariance(ES_WINDOW, ES_PATIENCE)
     xs, psnrs, variances, stop_at = [], [], [], []
     bar = tqdm(total=cfg["upper_iter"], desc="MAID", unit="it", dynamic_ncols=True)
@@ -111,7 +111,8 @@ def main(argv: list[str]) -> int:
             bar.set_postfix(psnr=f"{rec['psnr']:.2f}", es=det.best_iter)
 
     t0 = time.perf_counter()
-    result = maid(problem, b0.clone(), y.clone(), ADP.maid_config(cfg), callback=on_iteration)
+    result = maid(problem, b0.clone(), y.clone(), ADP.maid_config(cfg, ADP.upper_scale(cfg, y)),
+                  callback=on_iteration, prox=prox)
     bar.close()
     seconds = time.perf_counter() - t0
     if not xs:
