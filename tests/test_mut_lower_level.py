@@ -84,3 +84,14 @@ def test_float32_refined_solve_follows_the_float64_recurrence(solver):
     assert res.iters == 6 and not res.converged
     err = torch.linalg.vector_norm(res.x.double() - ref.x) / torch.linalg.vector_norm(ref.x - y)
     assert err < 1e-5
+
+
+def test_float32_solve_reports_non_finite_data_as_non_finite():
+    """A NaN in ``y`` makes the first gradient non-finite: the float32 (refined) solve returns at
+    once, ``converged is False``, status ``'non_finite'``, 0 iterations, an iterate of x₀'s shape."""
+    h, y = _small_problem()
+    bad = y.float().clone()
+    bad[1, 2, 3] = float("nan")
+    res = solve_lower(LowerLevel(h.blur.b.float(), bad, SmoothedTV(0.05, 0.05), h.mu0), y.float(), 1e-3, 50)
+    assert res.converged is False and res.status == "non_finite" and res.iters == 0
+    assert res.x.shape == y.shape

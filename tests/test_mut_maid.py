@@ -128,6 +128,7 @@ def test_autodiff_problem_default_constants_use_the_given_mu():
         assert c.J_norm == c.L_J == c.L_Hinv == math.inf
 
 
+@pytest.mark.filterwarnings("ignore:AcceleratedGradient without mu:RuntimeWarning")
 @pytest.mark.parametrize("mu", [None, 0.01])
 def test_accelerated_gradient_follows_its_recurrence_with_gradient_restart(mu):
     """With ``L`` given, :class:`maid.AcceleratedGradient` is the recurrence of its docstring:
@@ -157,3 +158,36 @@ def test_accelerated_gradient_follows_its_recurrence_with_gradient_restart(mu):
     res = AcceleratedGradient(h, mu=mu, L=L)(torch.zeros(1), x0, 1e-30, n)
     assert restarts >= 1 and res.iters == n
     assert torch.allclose(res.x, y, rtol=0, atol=1e-13)
+
+
+def test_accelerated_gradient_backtracking_step_satisfies_the_descent_lemma():
+    """Without ``L`` the first step's constant is found by backtracking until the descent lemma
+    ``h(x₁) ≤ h(x₀) − ‖∇h(x₀)‖²/(2L)`` holds.  With μ not given the first momentum is
+    ``(t₀ − 1)/t₁ = 0``, so one iteration returns ``x₁ = x₀ − ∇h(x₀)/L`` and ``L = ‖∇h‖/‖x₁ − x₀‖`` is
+    read off the step.  On ``h = 2(x − c)²`` (λ = 4) the lemma holds iff ``L ≥ 4``; the power-iteration
+    start is 4 and the first trial ``0.9·4`` must be refused.  Checked with that L (1e-12 for
+    rounding)."""
+    import warnings
+    from maid import AcceleratedGradient
+
+    c = torch.tensor([1.5])
+    h = lambda x, th: 2.0 * ((x - c) ** 2).sum()            # noqa: E731
+    x0 = torch.zeros(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = AcceleratedGradient(h)(torch.zeros(1), x0, 1e-12, 1)
+    g = 4.0 * (x0 - c)
+    L = (g.norm() / (res.x - x0).norm()).item()
+    assert res.iters == 1 and L >= 4.0 * (1 - 1e-12)
+    assert h(res.x, None).item() <= h(x0, None).item() - g.norm().item() ** 2 / (2 * L) + 1e-12
+
+
+def test_mixed_product_is_zero_when_the_lower_gradient_ignores_theta():
+    """``h(x, θ) = ½‖x‖² + ‖θ‖²``: ``∇ₓh = x`` does not depend on θ, so ``∇²_{θx}hᵀq = 0`` (analytic) — a
+    zero tensor of θ's shape, not an autograd error — and ``∇²ₓₓh v = v``."""
+    from maid import AutodiffProblem
+
+    p = AutodiffProblem(lambda x, th: 0.5 * (x * x).sum() + (th * th).sum(), lambda x, th: (x * x).sum())
+    x, th, q = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, -1.0]), torch.tensor([1.0, -1.0, 2.0])
+    assert torch.equal(p.mixed_vjp(x, th, q), torch.zeros(2))
+    assert torch.equal(p.hessian_vp(x, th, q), q)
