@@ -14,7 +14,9 @@ batch size B it measures, on the same data in the same run,
 with the regulariser's closed forms (``regularisers.SmoothedTV``/``FieldsOfExperts``: ``grad``
 and ``hvp`` written as stencils/convolutions) and with the base class's autograd fallback on the
 same ``value`` (``Regulariser.grad``: reverse mode; ``Regulariser.hvp``: double backward).  It
-prints the ratios closed form / autograd measured in this run.  Median of ``--repeats``.
+prints the ratios closed form / autograd measured in this run.  Median of ``--repeats``, timed by
+the process's CPU time (``--wall``: wall clock), so that with ``--threads 1`` a loaded machine
+does not distort the ratios.
 """
 from __future__ import annotations
 
@@ -62,27 +64,30 @@ def _problem(kind: str, B: int, size: int, autograd: bool):
     return DatasetProblem(x, y, par), y
 
 
-def _timed(f, repeats: int) -> float:
+def _timed(f, repeats: int, clock=time.process_time) -> float:
+    """Median seconds of ``f()`` on ``clock``: process CPU time by default, which with one thread
+    is the work done whatever else the machine runs (wall time on a shared machine is inflated by
+    the other processes' load; ``--wall`` uses it anyway)."""
     f()                                            # warm-up
     ts = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         f()
-        ts.append(time.perf_counter() - t0)
+        ts.append(clock() - t0)
     return statistics.median(ts)
 
 
-def lower_throughput(kind, B, size, autograd, iters, repeats) -> float:
+def lower_throughput(kind, B, size, autograd, iters, repeats, clock=time.process_time) -> float:
     """Lower-level iterations × images per second."""
     P, y = _problem(kind, B, size, autograd)
     theta = P.param.initial()
     _, _, mu, L = P._parts(theta)
     t = _timed(lambda: batched_fista(lambda xs, idx: P.lower_grad(xs, theta, P.y[idx]), y.clone(), L, mu, 0.0,
-                                     iters), repeats)
+                                     iters), repeats, clock)
     return iters * B / t
 
 
-def step_throughput(kind, B, size, autograd, iters, repeats) -> float:
+def step_throughput(kind, B, size, autograd, iters, repeats, clock=time.process_time) -> float:
     """Computations per second of one ISGD step (lower solve + CG + mixed product)."""
     P, y = _problem(kind, B, size, autograd)
     theta = P.param.initial()
@@ -92,7 +97,7 @@ def step_throughput(kind, B, size, autograd, iters, repeats) -> float:
         low = P.solve_lower(theta, y.clone(), 0.0, iters)
         _, _, it, _ = hypergradient(P, low.x, theta, None, 0.0, iters)
         counts["c"] = low.iters + it
-    t = _timed(step, repeats)
+    t = _timed(step, repeats, clock)
     return counts["c"] / t
 
 
@@ -103,19 +108,21 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--iters", type=int, default=25)
+    ap.add_argument("--wall", action="store_true", help="time by the wall clock instead of process CPU time")
     a = ap.parse_args(argv)
+    clock = time.perf_counter if a.wall else time.process_time
     torch.set_num_threads(a.threads)
     batches = [int(b) for b in a.batches.split(",")]
-    print(f"{a.size}×{a.size} grey, float64, {a.threads} thread(s), median of {a.repeats}; "
+    print(f"{a.size}×{a.size} grey, float64, {a.threads} thread(s), {'wall' if a.wall else 'CPU'} time, median of {a.repeats}; "
           f"throughput in lower iterations × images / s and ISGD-step computations / s")
     print(f"{'reg':4s} {'B':>4s} {'lower closed':>13s} {'lower autograd':>15s} {'ratio':>6s} "
           f"{'step closed':>12s} {'step autograd':>14s} {'ratio':>6s}")
     for kind in ("tv", "foe"):
         for B in batches:
-            lc = lower_throughput(kind, B, a.size, False, a.iters, a.repeats)
-            la = lower_throughput(kind, B, a.size, True, a.iters, a.repeats)
-            sc = step_throughput(kind, B, a.size, False, a.iters, a.repeats)
-            sa = step_throughput(kind, B, a.size, True, a.iters, a.repeats)
+            lc = lower_throughput(kind, B, a.size, False, a.iters, a.repeats, clock)
+            la = lower_throughput(kind, B, a.size, True, a.iters, a.repeats, clock)
+            sc = step_throughput(kind, B, a.size, False, a.iters, a.repeats, clock)
+            sa = step_throughput(kind, B, a.size, True, a.iters, a.repeats, clock)
             print(f"{kind:4s} {B:4d} {lc:13.0f} {la:15.0f} {lc / la:6.2f} {sc:12.0f} {sa:14.0f} {sc / sa:6.2f}")
 
 
