@@ -81,7 +81,7 @@ def test_float32_refined_solve_follows_the_float64_recurrence(solver):
     h32 = LowerLevel(h64.blur.b.float(), y.float(), SmoothedTV(0.05, 0.05), h64.mu0)
     ref = solve_lower(h64, y, 0.0, 6, solver) if solver == "agd" else fista(h64.grad, y, h64.L, h64.mu, 0.0, 6)
     res = solve_lower(h32, y.float(), 1e-12, 6, solver)
-    assert res.iters == 6 and not res.converged
+    assert res.iters == 6 and res.converged is False
     err = torch.linalg.vector_norm(res.x.double() - ref.x) / torch.linalg.vector_norm(ref.x - y)
     assert err < 1e-5
 

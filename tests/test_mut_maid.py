@@ -191,3 +191,60 @@ def test_mixed_product_is_zero_when_the_lower_gradient_ignores_theta():
     x, th, q = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, -1.0]), torch.tensor([1.0, -1.0, 2.0])
     assert torch.equal(p.mixed_vjp(x, th, q), torch.zeros(2))
     assert torch.equal(p.hessian_vp(x, th, q), q)
+
+
+class Minimal:
+    """The required methods only (no base class: no ``upper_lipschitz``, ``metrics``,
+    ``solve_adjoint``, ``initial_x``), ``x̂ = θ``, ``f = ½‖θ − 5‖²``."""
+
+    solve_lower = Quadratic.solve_lower
+    upper_loss, upper_grad_x = Quadratic.upper_loss, Quadratic.upper_grad_x
+    hessian_vp, mixed_vjp, error_constants = Quadratic.hessian_vp, Quadratic.mixed_vjp, Quadratic.error_constants
+
+    def __init__(self):
+        self.lower_calls = []
+
+    def upper_grad_theta(self, x, theta):
+        return torch.zeros_like(theta)
+
+
+def test_optional_methods_are_optional_and_used_where_given():
+    """A duck-typed problem with only the required methods runs (``L_g`` then from
+    ``error_constants``, no metric columns, CG for the adjoint) and reaches θ = 5 (∇f = θ − 5);
+    given ``metrics``, its columns appear in every record; given ``upper_lipschitz``, the line
+    search evaluates it at the trial point ``(x̃⁺, θ⁺)`` (here x̃⁺ = θ⁺, recorded)."""
+    from maid import maid
+
+    cfg = MAIDConfig(step0=1.0, eps0=1e-3, max_iter=5, descent_check=False)
+    res = maid(Minimal(), torch.tensor([1.0]), torch.tensor([1.0]), cfg)
+    assert res.stop_reason == "converged" and res.theta.item() == pytest.approx(5.0, abs=1e-12)
+    assert set(res.log[0]) >= {"iter", "upper_loss", "grad_norm"} and "dist" not in res.log[0]
+
+    seen = []
+
+    class WithOptional(Minimal):
+        def metrics(self, x, theta):
+            return {"dist": abs(theta.item() - 5.0)}
+
+        def upper_lipschitz(self, x, theta):
+            seen.append((x.clone(), theta.clone()))
+            return 1.0
+
+    res = maid(WithOptional(), torch.tensor([1.0]), torch.tensor([1.0]), cfg)
+    assert [r["dist"] for r in res.log] == [abs(5.0 - 5.0)] * len(res.log) and res.log
+    assert seen and all(torch.equal(x, th) for x, th in seen)
+    assert any(th.item() != 1.0 for _, th in seen)             # trial points, not only θ₀
+
+
+@pytest.mark.parametrize("value", [torch.tensor(1.0), "1.0", True])
+def test_upper_lipschitz_of_a_wrong_type_is_refused(value):
+    """``upper_lipschitz`` must return a real number: a tensor, a string or a bool raises one
+    TypeError naming the method (a bool is a Real in Python but never a Lipschitz constant)."""
+    from maid import maid
+
+    class Wrong(Minimal):
+        def upper_lipschitz(self, x, theta):
+            return value
+
+    with pytest.raises(TypeError, match="Wrong.upper_lipschitz must return a float"):
+        maid(Wrong(), torch.tensor([1.0]), torch.tensor([1.0]), MAIDConfig(step0=1.0, max_iter=2))
