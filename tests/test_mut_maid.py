@@ -210,7 +210,8 @@ class Minimal:
 
 def test_optional_methods_are_optional_and_used_where_given():
     """A duck-typed problem with only the required methods runs (``L_g`` then from
-    ``error_constants``, no metric columns, CG for the adjoint) and reaches θ = 5 (∇f = θ − 5);
+    ``error_constants``, no metric columns, CG for the adjoint) and reaches θ = 5 (∇f = θ − 5),
+    logging ``iter`` = 1, 2, … and the cumulative CG iterations;
     given ``metrics``, its columns appear in every record; given ``upper_lipschitz``, the line
     search evaluates it at the trial point ``(x̃⁺, θ⁺)`` (here x̃⁺ = θ⁺, recorded)."""
     from maid import maid
@@ -218,7 +219,8 @@ def test_optional_methods_are_optional_and_used_where_given():
     cfg = MAIDConfig(step0=1.0, eps0=1e-3, max_iter=5, descent_check=False)
     res = maid(Minimal(), torch.tensor([1.0]), torch.tensor([1.0]), cfg)
     assert res.stop_reason == "converged" and res.theta.item() == pytest.approx(5.0, abs=1e-12)
-    assert set(res.log[0]) >= {"iter", "upper_loss", "grad_norm"} and "dist" not in res.log[0]
+    assert "dist" not in res.log[0] and [r["iter"] for r in res.log] == list(range(1, len(res.log) + 1))
+    assert 0 < res.log[-1]["cg_iters"] <= res.state.cg_iters      # cumulative (the last z is not logged)
 
     seen = []
 
@@ -248,3 +250,19 @@ def test_upper_lipschitz_of_a_wrong_type_is_refused(value):
 
     with pytest.raises(TypeError, match="Wrong.upper_lipschitz must return a float"):
         maid(Wrong(), torch.tensor([1.0]), torch.tensor([1.0]), MAIDConfig(step0=1.0, max_iter=2))
+
+
+def test_prox_of_a_wrong_shape_is_refused_naming_the_shape():
+    """A prox whose result does not have θ's shape raises one ValueError naming the prox class, the
+    expected shape and the shape it got."""
+    from maid import maid
+
+    class BadProx:
+        def value(self, theta):
+            return 0.0
+
+        def prox(self, v, step):
+            return torch.zeros(3)
+
+    with pytest.raises(ValueError, match=r"BadProx.prox must return a tensor of the shape of theta \(1,\), got .*3"):
+        maid(Minimal(), torch.tensor([1.0]), torch.tensor([1.0]), MAIDConfig(step0=1.0, max_iter=2), prox=BadProx())
