@@ -191,7 +191,7 @@ def _cell(v) -> str:
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
-        return f"{v:.2f}" if abs(v) >= 0.1 or v == 0 else f"{v:.4f}"
+        return f"{v:.2f}"
     return str(v)
 
 
