@@ -57,9 +57,13 @@ def project_simplex(v: torch.Tensor) -> torch.Tensor:
 
 
 def _on_simplex(b: torch.Tensor) -> bool:
+    """``b ≥ 0`` and each channel sums to 1 within ``max(1e-9, 2m·u)`` (m entries per channel, u
+    the dtype's unit roundoff: the rounding error of a sum of m non-negative numbers that add up to
+    1), so that a float32 projection is feasible (its sums are off by ~1e-7)."""
     C = b.shape[0]
     sums = b.reshape(C, -1).sum(1)
-    return bool((b >= 0).all()) and bool(((sums - 1).abs() <= _FEASIBILITY_TOL).all())
+    tol = max(_FEASIBILITY_TOL, 2 * b[0].numel() * torch.finfo(b.dtype).eps)
+    return bool((b >= 0).all()) and bool(((sums - 1).abs() <= tol).all())
 
 
 @lru_cache(maxsize=8)

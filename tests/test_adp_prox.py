@@ -21,9 +21,10 @@ CPU = torch.device("cpu")
 
 
 def case(**overrides):
-    """``(cfg, x_true, b₀ padded to learned_kernel_size, y)`` on 32×32 astronaut, semiblind σ = 1.5."""
+    """``(cfg, x_true, b₀ padded to learned_kernel_size, y)`` on 32×32 astronaut, semiblind σ = 1.5,
+    learned upper operator (the one whose kernel drifts without a constraint)."""
     cfg = config.resolve(ADP.DEFAULTS, dict(dict(size_x=32, size_y=32, setting="semiblind", semiblind_sigma=1.5,
-                                                 device="cpu", learned_kernel_size=9), **overrides))
+                                                 device="cpu", learned_kernel_size=9, upper_operator="learned"), **overrides))
     ADP.validate(cfg)
     x_true, b0, y = make_data(cfg, ADP._IMAGES, CPU, torch.float64)
     return cfg, x_true, ADP.learned_b0(cfg, b0), y
@@ -160,3 +161,13 @@ def test_unsquared_h1_by_prox_decreases_the_exact_composite_objective(constraint
     big = dict(cfg, beta=1.0)
     _, _, still = _run(big, b0, y, eps0=1e-5, threshold=1e-9, upper_iter=3, step=1000.0)
     assert still.stop_reason == "converged" and torch.equal(still.theta, b0)
+
+
+def test_simplex_projection_is_feasible_in_float32():
+    """A float32 projection onto the simplex counts as feasible (r = 0, not ∞: its channel sums are
+    off by ~1e-7, above float64's 1e-9), so float32 runs with kernel_constraint = "simplex" can
+    accept steps; a kernel off by 1e-3 is still infeasible."""
+    v = 0.1 * torch.rand(3, 1, 9, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    b = SimplexConstraint().prox(v, 1.0)
+    assert SimplexConstraint().value(b) == 0.0
+    assert SimplexConstraint().value(b * 1.001) == math.inf
