@@ -266,3 +266,57 @@ def test_prox_of_a_wrong_shape_is_refused_naming_the_shape():
 
     with pytest.raises(ValueError, match=r"BadProx.prox must return a tensor of the shape of theta \(1,\), got .*3"):
         maid(Minimal(), torch.tensor([1.0]), torch.tensor([1.0]), MAIDConfig(step0=1.0, max_iter=2), prox=BadProx())
+
+
+def test_default_step_at_a_stationary_start_converges_without_dividing_by_zero():
+    """``step0 = None`` sets α₀ = 1/‖z₀‖; at θ₀ = 5, the minimiser, z₀ = 0 exactly, so MAID must stop
+    'converged' at once (α₀ = 1 by convention) instead of dividing by zero."""
+    from maid import maid
+
+    res = maid(Quadratic(), torch.tensor([5.0]), torch.tensor([5.0]), MAIDConfig(descent_check=False))
+    assert res.stop_reason == "converged" and res.theta.item() == 5.0 and res.log == []
+
+
+def test_caps_are_counted_and_warned_once():
+    """A lower solver that always stops at its cap (finite ‖∇h‖, not converged) makes every solve a
+    cap hit: ``lower_cap_hits`` in the log equals the number of solves so far, one RuntimeWarning
+    names ``lower_max_iter``; a non-converged CG adds one ``cg_cap_hits`` per hypergradient; the
+    adjoint solve is warm-started from the previous ``q`` (None only the first time)."""
+    from maid import maid
+
+    class Capped(Quadratic):
+        q0s = []
+
+        def solve_lower(self, theta, x0, eps, max_iter):
+            self.lower_calls.append((eps, max_iter))
+            return LowerSolve(theta.clone(), max_iter, 1e-3, False)
+
+        def solve_adjoint(self, x, theta, rhs, q0, delta, max_iter):
+            self.q0s.append(q0)
+            return rhs.clone(), max_iter, False
+
+    p = Capped()
+    cfg = MAIDConfig(step0=0.5, nu_step=1.0, eps0=1e-3, max_iter=3, descent_check=False, lower_max_iter=4,
+                     cg_max_iter=2)
+    with pytest.warns(RuntimeWarning, match="lower_max_iter=4") as rec:
+        res = maid(p, torch.tensor([1.0]), torch.tensor([1.0]), cfg)
+    assert sum("lower_max_iter" in str(w.message) for w in rec) == 1
+    assert res.log[-1]["lower_cap_hits"] == len(p.lower_calls) and res.log[-1]["lower_iters"] == 4 * len(p.lower_calls)
+    assert [r["cg_cap_hits"] for r in res.log] == [1, 2, 3]
+    assert p.q0s[0] is None and all(torch.is_tensor(q) for q in p.q0s[1:]) and len(p.q0s) == 3
+
+
+@pytest.mark.parametrize("method,value,expected", [
+    ("solve_adjoint", lambda x, t, rhs, q0, d, m: (torch.zeros(2), 1, True), r"\.solve_adjoint returned shape \(2,\), "
+                                                                              r"expected the shape of x \(1,\)"),
+    ("solve_lower", lambda t, x0, e, m: LowerSolve(torch.zeros(2), 1, 0.0, True), r"\.solve_lower returned shape "
+                                                                                   r"\(2,\), expected the shape of x"),
+])
+def test_wrong_shapes_from_solvers_are_named(method, value, expected):
+    """A lower or adjoint solve returning an x/q of the wrong shape raises one ValueError naming the
+    method, the shape it returned and the shape of x expected."""
+    from maid import maid
+
+    broken = type("Broken", (Quadratic,), {method: lambda self, *a: value(*a)})()
+    with pytest.raises(ValueError, match=expected):
+        maid(broken, torch.tensor([1.0]), torch.tensor([1.0]), MAIDConfig(step0=1.0, max_iter=2))
