@@ -57,7 +57,8 @@ def test_upper_level_over_the_channels_is_the_papers_g():
     """With upper_normalisation='channels' and the unsquared penalty, c·g (c = upper_scale = n/C)
     equals the paper's ‖B_b x − y‖²/C + β‖b − b₀‖_{H¹} computed directly, at a kernel b ≠ b₀; the
     hypergradient pieces scale by c too (∇ₓg and ∂_b g), so MAID's step maps as step·c."""
-    cfg, x_true, b0, y = small_case(dict(upper_normalisation="channels", kernel_penalty="h1", beta=100.0))
+    cfg, x_true, b0, y = small_case(dict(upper_normalisation="channels", kernel_penalty="h1", beta=100.0,
+                                             upper_operator="learned"))
     c = ADP.upper_scale(cfg, y)
     assert c == y.numel() / 3
     b = b0 + 1e-3 * torch.randn(b0.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
