@@ -125,28 +125,17 @@ def effective_config(cfg: dict, given: dict | None = None) -> dict:
 
 def validate(cfg: dict) -> None:
     """Check every setting before anything is computed or written (one clear message each)."""
-    check(cfg["setting"] in SETTINGS, f"unknown setting {cfg['setting']!r}; use one of {', '.join(SETTINGS)}")
+    config.validate_data(cfg, SETTINGS, _MIN_SIZE)
     check(cfg["generator"] in GENERATORS, f"unknown generator {cfg['generator']!r}; use one of {', '.join(GENERATORS)}")
-    check(cfg["kernel_size"] > 0 and cfg["kernel_size"] % 2 == 1,
-          f"kernel_size must be a positive odd integer, got {cfg['kernel_size']} (try --kernel_size=5)")
-    check(cfg["size_x"] >= _MIN_SIZE and cfg["size_y"] >= _MIN_SIZE,
-          f"image size must be at least {_MIN_SIZE}×{_MIN_SIZE} (the SSIM window), got size_x={cfg['size_x']}, "
-          f"size_y={cfg['size_y']}")
-    check(cfg["kernel_size"] <= min(cfg["size_x"], cfg["size_y"]),
-          f"kernel_size={cfg['kernel_size']} is larger than the image ({cfg['size_y']}×{cfg['size_x']}); "
-          f"use a smaller kernel or a larger image")
-    check(cfg["channels"] in (1, 3), f"channels must be 1 (grey) or 3 (colour), got {cfg['channels']}")
     if cfg["generator"] == "unet":
         f = 2 ** (cfg["depth"] - 1)
         check(cfg["size_x"] % f == 0 and cfg["size_y"] % f == 0,
               f"the unet generator with depth={cfg['depth']} needs sizes divisible by {f}, got "
               f"{cfg['size_y']}×{cfg['size_x']}; change --size_x/--size_y or lower --depth")
-    valid_seed(cfg["seed"])
     valid_seed(cfg["net_seed"])
-    finite_positive("noise_level", cfg["noise_level"], allow_zero=True)
     finite_positive("input_noise", cfg["input_noise"], allow_zero=True)
     finite_positive("beta", cfg["beta"], allow_zero=True)
-    for name in ("lr", "kernel_lr", "kernel_floor", "blur_sigma", "semiblind_sigma"):
+    for name in ("lr", "kernel_lr", "kernel_floor"):
         finite_positive(name, cfg[name])
     check(cfg["threads"] >= 0, f"threads must be ≥ 0 (0: torch's default), got {cfg['threads']}")
     for name in ("iterations", "width", "depth", "es_patience"):

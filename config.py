@@ -37,7 +37,7 @@ import sys
 
 __all__ = ["ConfigError", "apply_overrides", "parse_value", "fail", "check", "finite_positive", "valid_seed",
            "check_writable", "make_run_dir",
-           "setting_names", "defaults", "load_preset", "resolve", "parse_argv", "load_checkpoint", "resume_config"]
+           "setting_names", "defaults", "load_preset", "resolve", "parse_argv", "load_checkpoint", "resume_config", "validate_data"]
 
 
 class ConfigError(ValueError):
@@ -246,6 +246,27 @@ def parse_argv(defaults_: dict, argv: list[str], renamed: dict | None = None) ->
             _renamed_error(arg[2:].partition("=")[0], renamed)
     explicit.update(apply_overrides(ns, flags, list(defaults_)))
     return ns, explicit
+
+
+def validate_data(cfg: dict, settings: tuple, min_size: int = 11) -> None:
+    """Check the data settings that ``imaging.make_data`` reads (the drivers share their names and
+    meanings): ``setting`` one of ``settings``, an odd ``kernel_size`` no larger than the image,
+    an image of at least ``min_size`` pixels a side (SSIM's 11×11 window), 1 or 3 ``channels``, a
+    valid ``seed``, ``noise_level`` ≥ 0 and positive ``blur_sigma``/``semiblind_sigma``."""
+    check(cfg["setting"] in settings, f"unknown setting {cfg['setting']!r}; use one of {', '.join(settings)}")
+    check(cfg["kernel_size"] > 0 and cfg["kernel_size"] % 2 == 1,
+          f"kernel_size must be a positive odd integer, got {cfg['kernel_size']} (try --kernel_size=5)")
+    check(cfg["size_x"] >= min_size and cfg["size_y"] >= min_size,
+          f"image size must be at least {min_size}×{min_size} (the SSIM window), got size_x={cfg['size_x']}, "
+          f"size_y={cfg['size_y']}")
+    check(cfg["kernel_size"] <= min(cfg["size_x"], cfg["size_y"]),
+          f"kernel_size={cfg['kernel_size']} is larger than the image ({cfg['size_y']}×{cfg['size_x']}); "
+          f"use a smaller kernel or a larger image")
+    check(cfg["channels"] in (1, 3), f"channels must be 1 (grey) or 3 (colour), got {cfg['channels']}")
+    valid_seed(cfg["seed"])
+    finite_positive("noise_level", cfg["noise_level"], allow_zero=True)
+    for name in ("blur_sigma", "semiblind_sigma"):
+        finite_positive(name, cfg[name])
 
 
 # --------------------------------------------------------------------------------------------

@@ -80,3 +80,28 @@ def test_old_names_are_translated_and_unknown_saved_names_dropped():
 def test_a_saved_value_of_the_wrong_type_is_refused():
     with pytest.raises(ConfigError, match="expected a value of type float"):
         _resume({"resume": "c.pt"}, {"beta": "large"})
+
+
+DATA = {"setting": "motion", "kernel_size": 5, "size_x": 32, "size_y": 24, "channels": 3, "seed": 0,
+        "noise_level": 0.0, "blur_sigma": 1.0, "semiblind_sigma": 0.5}
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(setting="blurry"), "unknown setting 'blurry'; use one of motion, semiblind"),
+    (dict(kernel_size=4), "kernel_size must be a positive odd integer"),
+    (dict(kernel_size=-1), "kernel_size must be a positive odd integer"),
+    (dict(size_y=10), r"image size must be at least 11×11"),
+    (dict(kernel_size=25), r"kernel_size=25 is larger than the image \(24×32\)"),
+    (dict(channels=2), "channels must be 1 .* or 3"),
+    (dict(seed=-1), "seed must be an integer"),
+    (dict(noise_level=float("nan")), "noise_level must be a non-negative finite"),
+    (dict(semiblind_sigma=0.0), "semiblind_sigma must be a positive finite"),
+])
+def test_validate_data_refuses_each_bad_data_setting_in_one_line(change, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        config.validate_data(dict(DATA, **change), ("motion", "semiblind"))
+    assert "\n" not in str(err.value)
+
+
+def test_validate_data_accepts_the_edges():
+    config.validate_data(dict(DATA, size_x=11, size_y=11, kernel_size=11, channels=1), ("motion",))
