@@ -85,7 +85,7 @@ resume = ""                # path to a checkpoint.pt (or its run folder) to cont
 progress = True            # tqdm progress bar and the printed summary table
 # ------------------------------------------------------------------------------------------
 import config  # noqa: E402
-from config import ConfigError, check, finite_positive, valid_seed  # noqa: E402
+from config import ConfigError, check, finite_positive  # noqa: E402
 
 DEFAULTS = config.defaults(globals())      # the constants above, in order
 RENAMED = {"alpha": "step", "nu_alpha": "nu_step"}
@@ -143,23 +143,12 @@ def _range_checks(cfg: dict) -> None:
 
 def validate(cfg: dict) -> None:
     """Check every setting (one clear message each); raises :class:`config.ConfigError`."""
-    check(cfg["setting"] in SETTINGS, f"unknown setting {cfg['setting']!r}; use one of {', '.join(SETTINGS)}")
-    check(cfg["kernel_size"] > 0 and cfg["kernel_size"] % 2 == 1,
-          f"kernel_size must be a positive odd integer, got {cfg['kernel_size']} (try --kernel_size=5)")
-    check(cfg["size_x"] >= _MIN_SIZE and cfg["size_y"] >= _MIN_SIZE,
-          f"image size must be at least {_MIN_SIZE}×{_MIN_SIZE} (the SSIM window), got size_x={cfg['size_x']}, "
-          f"size_y={cfg['size_y']}")
-    valid_seed(cfg["seed"])
-    check(cfg["kernel_size"] <= min(cfg["size_x"], cfg["size_y"]),
-          f"kernel_size={cfg['kernel_size']} is larger than the image ({cfg['size_y']}×{cfg['size_x']}); "
-          f"use a smaller kernel or a larger image")
-    check(cfg["channels"] in (1, 3), f"channels must be 1 (grey) or 3 (colour), got {cfg['channels']}")
+    config.validate_data(cfg, SETTINGS, _MIN_SIZE)
     check(cfg["dtype"] in ("float32", "float64"), f"dtype must be float32 or float64, got {cfg['dtype']!r}")
     check(cfg["regulariser"] in REGULARISERS,
           f"unknown regulariser {cfg['regulariser']!r}; use one of {', '.join(REGULARISERS)}")
-    finite_positive("noise_level", cfg["noise_level"], allow_zero=True)
     for name in ("tv_weight", "tv_smoothing", "beta", "eps0", "delta0", "step", "threshold", "eta",
-                 "baseline_eps", "baseline_lipschitz_factor", "blur_sigma", "semiblind_sigma"):
+                 "baseline_eps", "baseline_lipschitz_factor"):
         finite_positive(name, cfg[name])
     check(math.isfinite(cfg["mu0"]) and cfg["mu0"] > 0,
           f"mu0 must be a positive finite number, got {cfg['mu0']!r}: h is μ₀-strongly convex only through it "
@@ -275,35 +264,15 @@ def solve_baseline(problem: ADPBetaProblem, cfg: dict, b0: torch.Tensor, y: torc
 # ------------------------------------------------------------------------------------------
 # configuration and checkpoint
 # ------------------------------------------------------------------------------------------
-def _load_checkpoint(resume_path: str) -> dict:
-    path = os.path.join(resume_path, "checkpoint.pt") if os.path.isdir(resume_path) else resume_path
-    check(os.path.isfile(path), f"no checkpoint at {resume_path!r}; give the checkpoint.pt of an interrupted run")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if not (isinstance(ckpt["config"], dict) and isinstance(ckpt.get("state"), dict)):
-            raise TypeError("no config/state dictionaries")
-    except Exception as e:  # noqa: BLE001  (any unreadable file)
-        raise ConfigError(f"{path!r} is not a readable ADP.py checkpoint ({type(e).__name__}); give the "
-                          f"checkpoint.pt that ADP.py wrote")
-    return ckpt
-
-
 def resolve_config(given: dict) -> tuple[dict, dict | None]:
     """``(cfg, checkpoint)``: the defaults updated with ``given``; with ``resume``, the checkpoint's
-    saved settings instead (old names translated), of which only ``_RESUME_OVERRIDES`` may differ."""
+    saved settings instead (old names translated), of which only ``_RESUME_OVERRIDES`` may differ
+    (:func:`config.resume_config`)."""
     cfg = config.resolve(DEFAULTS, given, RENAMED)
     if not cfg["resume"]:
         return cfg, None
-    ckpt = _load_checkpoint(cfg["resume"])
-    saved = {RENAMED.get(k, k): v for k, v in ckpt["config"].items()}
-    saved = config.resolve(DEFAULTS, {k: v for k, v in saved.items() if k in DEFAULTS and k not in _RUN_LOCAL})
-    changed = sorted(k for k in given if k not in _RESUME_OVERRIDES and cfg[k] != saved[k])
-    check(not changed, f"--resume continues a run with its saved settings; only "
-                       f"{', '.join('--' + k for k in _RESUME_OVERRIDES)} may be given with it, not "
-                       f"{', '.join('--' + k for k in changed)} (start a new run to change them)")
-    resumed = dict(saved, **{k: cfg[k] for k in _RUN_LOCAL})
-    resumed.update({k: cfg[k] for k in given if k in _RESUME_OVERRIDES})
-    return resumed, ckpt
+    ckpt = config.load_checkpoint(cfg["resume"], PROG)
+    return config.resume_config(DEFAULTS, given, ckpt["config"], _RUN_LOCAL, _RESUME_OVERRIDES, RENAMED), ckpt
 
 
 def _state_from(ckpt: dict, dev) -> MAIDState:
