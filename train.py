@@ -188,6 +188,14 @@ def _eval_due(computations: int, done: int, cfg: dict) -> bool:
     return computations >= (done + 1) * cfg["budget"] / cfg["eval_points"]
 
 
+def _points_passed(computations: int, done: int, cfg: dict) -> int:
+    """How many of the ``eval_points`` budgets ``computations`` has passed, counting on from ``done``
+    (a long step, such as a MAID iteration, may pass several: they share one evaluation)."""
+    while done < cfg["eval_points"] and _eval_due(computations, done, cfg):
+        done += 1
+    return done
+
+
 def run_method(cfg: dict, train, theta0, evaluate, state=None, on_step=None):
     """Run ``cfg['method']`` until the budget or the epoch limit; returns ``(θ, log, stop_reason, state)``.
 
@@ -203,15 +211,17 @@ def run_method(cfg: dict, train, theta0, evaluate, state=None, on_step=None):
         comp = rec["lower_iters"] + rec["cg_iters"]
         rec["computations"] = comp
         theta = st.theta
-        while _eval_due(comp, evals_done[0], cfg) and evals_done[0] < cfg["eval_points"]:
-            evals_done[0] += 1
+        passed = _points_passed(comp, evals_done[0], cfg)
+        if passed > evals_done[0]:
+            evals_done[0] = passed
             evaluate(theta, rec)
         if on_step is not None:
             on_step(rec, st)
         return comp >= cfg["budget"]
 
     if state is not None:
-        evals_done[0] = sum(1 for r in state.log if "test_psnr" in r)
+        evaluated = [r["computations"] for r in state.log if "test_psnr" in r]
+        evals_done[0] = _points_passed(evaluated[-1], 0, cfg) if evaluated else 0
     x0 = train.y.clone()
     if cfg["method"] == "isgd":
         steps = cfg["epochs"] * math.ceil(N / cfg["batch_size"])

@@ -138,3 +138,12 @@ def test_comparison_split_over_calls_reuses_finished_runs(tmp_path):
     assert sorted(os.listdir(out)) == ["comparison.json", "curves.png", "isgd", "maid"]
     with pytest.raises(ConfigError):
         cmp.run(dict(cfg, budget=700), progress=False, out=out, methods=("isgd",))
+
+
+def test_a_step_past_several_evaluation_points_is_evaluated_once():
+    """Budget 100, 10 points: a step from 0 to 35 computations passes three points and gets one
+    evaluation; 35 → 36 none; 36 → 100 the remaining seven, one evaluation."""
+    cfg = {"budget": 100, "eval_points": 10}
+    assert train._points_passed(35, 0, cfg) == 3
+    assert train._points_passed(36, 3, cfg) == 3
+    assert train._points_passed(100, 3, cfg) == 10 and train._points_passed(10**6, 10, cfg) == 10
