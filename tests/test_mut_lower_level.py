@@ -95,3 +95,21 @@ def test_float32_solve_reports_non_finite_data_as_non_finite():
     res = solve_lower(LowerLevel(h.blur.b.float(), bad, SmoothedTV(0.05, 0.05), h.mu0), y.float(), 1e-3, 50)
     assert res.converged is False and res.status == "non_finite" and res.iters == 0
     assert res.x.shape == y.shape
+
+
+def test_auto_certificate_is_energy_in_float32_and_the_plain_gradient_test_in_float64():
+    """``certificate='auto'`` is documented as ``'energy'`` in lower precision and ``'gradient'`` in
+    float64: the float32 'auto' solve stops at the same iterate (bit for bit, same iterations) as
+    'energy', which here stops earlier than 'gradient' (so the two are told apart); in float64 'auto'
+    is the plain gradient test ``‖∇h‖ ≤ με``, which evaluates no separate certificate
+    (``h.certificate_evaluations`` stays 0)."""
+    h64, y = _small_problem()
+    runs = {}
+    for cert in ("auto", "energy", "gradient"):
+        h32 = LowerLevel(h64.blur.b.float(), y.float(), SmoothedTV(0.05, 0.05), h64.mu0)
+        runs[cert] = solve_lower(h32, y.float(), 1e-3, 5000, certificate=cert)
+        assert runs[cert].converged
+    assert torch.equal(runs["auto"].x, runs["energy"].x) and runs["auto"].iters == runs["energy"].iters
+    assert runs["energy"].iters < runs["gradient"].iters
+    res = solve_lower(h64, y, 1e-3, 5000)
+    assert res.converged and res.grad_norm <= h64.mu * 1e-3 and h64.certificate_evaluations == 0
