@@ -320,3 +320,26 @@ def test_wrong_shapes_from_solvers_are_named(method, value, expected):
     broken = type("Broken", (Quadratic,), {method: lambda self, *a: value(*a)})()
     with pytest.raises(ValueError, match=expected):
         maid(broken, torch.tensor([1.0]), torch.tensor([1.0]), MAIDConfig(step0=1.0, max_iter=2))
+
+
+def test_rejected_step_logs_the_upper_loss_at_the_kept_point():
+    """When every line search fails (the mixed term has the wrong sign, so z points uphill), θ stays
+    at θ₀ = 1 and each record's ``upper_loss`` is ``g(x̃, θ₀) = ½(1 − 5)² = 8`` (not, e.g., ‖∇ₓg‖ = 4)."""
+    from maid import maid
+
+    class Uphill(Quadratic):
+        def mixed_vjp(self, x, theta, q):
+            return q
+
+    with pytest.warns(RuntimeWarning, match="without accepting"):
+        res = maid(Uphill(), torch.tensor([1.0]), torch.tensor([1.0]),
+                   MAIDConfig(step0=1.0, eps0=1e-3, max_iter=3, patience=2, descent_check=False))
+    assert res.log and not any(r["accepted"] for r in res.log)
+    assert all(r["upper_loss"] == 8.0 for r in res.log)
+
+
+@pytest.mark.parametrize("field", ["max_backtracks", "max_iter", "lower_max_iter", "cg_max_iter", "patience"])
+def test_integer_settings_below_one_are_refused_by_name(field):
+    """Each count must be a positive integer: 0 raises one ValueError naming the field and the rule."""
+    with pytest.raises(ValueError, match=rf"{field} must be a positive integer, got 0"):
+        MAIDConfig(**{field: 0}).validate()
