@@ -113,3 +113,14 @@ def test_auto_certificate_is_energy_in_float32_and_the_plain_gradient_test_in_fl
     assert runs["energy"].iters < runs["gradient"].iters
     res = solve_lower(h64, y, 1e-3, 5000)
     assert res.converged and res.grad_norm <= h64.mu * 1e-3 and h64.certificate_evaluations == 0
+
+
+def test_certificate_evaluations_accumulate_over_solves():
+    """``h.certificate_evaluations`` counts every float64 check made on ``h``: the same float32 solve
+    run twice from the same start makes the same checks, so the count doubles."""
+    h64, y = _small_problem()
+    h32 = LowerLevel(h64.blur.b.float(), y.float(), SmoothedTV(0.05, 0.05), h64.mu0)
+    solve_lower(h32, y.float(), 1e-3, 5000)
+    once = h32.certificate_evaluations
+    solve_lower(h32, y.float(), 1e-3, 5000)
+    assert once >= 1 and h32.certificate_evaluations == 2 * once
