@@ -124,3 +124,10 @@ def test_certificate_evaluations_accumulate_over_solves():
     once = h32.certificate_evaluations
     solve_lower(h32, y.float(), 1e-3, 5000)
     assert once >= 1 and h32.certificate_evaluations == 2 * once
+
+
+def test_unknown_solver_message_lists_the_solvers():
+    """An unknown solver name is refused with the list of valid ones, comma-separated."""
+    h, y = _small_problem()
+    with pytest.raises(ValueError, match="unknown lower-level solver 'newton'; use one of fista, agd$"):
+        solve_lower(h, y, 1e-3, 10, "newton")

@@ -343,3 +343,11 @@ def test_integer_settings_below_one_are_refused_by_name(field):
     """Each count must be a positive integer: 0 raises one ValueError naming the field and the rule."""
     with pytest.raises(ValueError, match=rf"{field} must be a positive integer, got 0"):
         MAIDConfig(**{field: 0}).validate()
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, -0.5])
+def test_cg_rel_tol_outside_the_open_unit_interval_is_refused(value):
+    """``cg_rel_tol`` must lie strictly between 0 and 1 (0 asks CG for an exact solve, ≥ 1 lets ``q = 0``
+    pass): refused with one ValueError stating the rule."""
+    with pytest.raises(ValueError, match=rf"cg_rel_tol must lie strictly between 0 and 1, got {value}"):
+        MAIDConfig(cg_rel_tol=value).validate()
