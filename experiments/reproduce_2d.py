@@ -751,6 +751,8 @@ def _load_case(run_dir, image, setting):
     with open(base + ".json") as f:
         res = json.load(f)
     res.update(torch.load(base + ".pt", weights_only=False))
+    res["images"] = {k: _thumb(v) for k, v in res["images"].items()}   # older runs kept larger crops
+    res["x_true"] = _thumb(res["x_true"])
     return res
 
 
