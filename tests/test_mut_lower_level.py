@@ -131,3 +131,13 @@ def test_unknown_solver_message_lists_the_solvers():
     h, y = _small_problem()
     with pytest.raises(ValueError, match="unknown lower-level solver 'newton'; use one of fista, agd$"):
         solve_lower(h, y, 1e-3, 10, "newton")
+
+
+def test_fixed_step_solve_at_an_exact_stationary_point_reports_converged():
+    """``solve_lower_fixed`` reports ``converged`` only if ``∇h`` vanished exactly: with y = 0 and
+    x₀ = 0 every term of ``∇h(0) = Bᵀ(B·0 − 0) + ∇TV(0) + μ₀·0`` is exactly 0 (TV's gradient at a
+    constant image is 0), so it stops at once, converged, 0 iterations, x = x₀."""
+    b = motion_kernel(3, channels=2, dtype=torch.float64)
+    h = LowerLevel(b, torch.zeros(2, 6, 5), SmoothedTV(0.05, 0.05), mu0=0.1)
+    res = solve_lower_fixed(h, torch.zeros(2, 6, 5), 5, 0.5 / h.L)
+    assert res.converged and res.iters == 0 and res.grad_norm == 0.0 and not res.x.any()

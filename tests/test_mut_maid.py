@@ -351,3 +351,23 @@ def test_cg_rel_tol_outside_the_open_unit_interval_is_refused(value):
     pass): refused with one ValueError stating the rule."""
     with pytest.raises(ValueError, match=rf"cg_rel_tol must lie strictly between 0 and 1, got {value}"):
         MAIDConfig(cg_rel_tol=value).validate()
+
+
+def test_hypergradient_caps_the_adjoint_residual_relative_to_the_upper_gradient():
+    """``hypergradient(..., rel_delta=r)`` solves the adjoint to ``min(δ, r‖∇ₓg‖)``: at x = 4.98,
+    ‖∇ₓg‖ = 0.02, so r = 0.1 gives 0.002 < δ = 0.01 (and ``rel_delta=None`` keeps δ); z is then
+    ``−q = −(x − 5)`` for this problem (∇²ₓₓh = I, ∇²_{θx}h = −I), i.e. exact."""
+    from maid import hypergradient
+
+    p, x, th = Quadratic(), torch.tensor([4.98]), torch.tensor([4.98])
+    z, q, _, ok = hypergradient(p, x, th, None, 0.01, 50, rel_delta=0.1)
+    hypergradient(p, x, th, None, 0.01, 50)
+    assert [d for d, _ in p.adjoint_calls] == [pytest.approx(0.002, rel=1e-12), 0.01]
+    assert ok and torch.allclose(z, th - 5, rtol=0, atol=1e-15)
+
+
+def test_negative_max_tightenings_is_refused_by_name():
+    """``max_tightenings`` may be 0 (no tightening) but not negative: one ValueError naming it."""
+    MAIDConfig(max_tightenings=0).validate()
+    with pytest.raises(ValueError, match=r"max_tightenings must be an integer ≥ 0, got -1"):
+        MAIDConfig(max_tightenings=-1).validate()
