@@ -141,3 +141,11 @@ def test_fixed_step_solve_at_an_exact_stationary_point_reports_converged():
     h = LowerLevel(b, torch.zeros(2, 6, 5), SmoothedTV(0.05, 0.05), mu0=0.1)
     res = solve_lower_fixed(h, torch.zeros(2, 6, 5), 5, 0.5 / h.L)
     assert res.converged and res.iters == 0 and res.grad_norm == 0.0 and not res.x.any()
+
+
+def test_a_non_regulariser_is_refused_naming_its_type():
+    """``LowerLevel(b, y, 0.1)`` (a number where a Regulariser belongs) is refused with one TypeError
+    that names what was given (``float``)."""
+    b = motion_kernel(3, channels=2, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"regulariser must be a regularisers.Regulariser .*, got float$"):
+        LowerLevel(b, rand(2, 6, 6), 0.1)
