@@ -280,31 +280,61 @@ def _stall_window(h: LowerLevel) -> int:
     return math.ceil(20 * math.sqrt(h.L / h.mu)) if h.mu > 0 else math.inf
 
 
+LOW_PRECISION_STATS = {"solves": 0, "float64_fallbacks": 0, "float64_iterations": 0, "unreachable": 0}
+"""Counters of :func:`_accelerated_refined` over the process (reset by the caller): low-precision
+solves, solves whose remaining iterations ran in float64 (``float64_fallbacks``; their iterations
+``float64_iterations``), and solves that
+stopped uncertified because no point of the low-precision grid is provably within ε of ``x̂``
+(``unreachable``)."""
+
+
+_FLOOR_PROBE = 8
+"""Iteration of a float32 solve at which, if no check has been made yet, one is made anyway so that
+the float32 gradient error (the switch test of :func:`_accelerated_refined`) is measured early: by
+then the iterate has moved off the float32 start, so the rounding of ``anchor + d`` is in it."""
+
+
 def _accelerated_refined(h: LowerLevel, x0: torch.Tensor, max_iter: int, momentum: Callable[[int], float],
                          certificate: _Certificate) -> LowerSolve:
     """The accelerated scheme of :func:`_accelerated` in a low precision (float32), with the
-    iterate held as ``anchor + d`` and certified in float64.
+    iterate held as ``anchor + d`` and certified in float64; the remaining iterations switch to
+    float64 when float32 cannot reach ε.  The returned iterate is in the low precision.
 
     * **Gradient.** ``∇h(anchor + d) = c + (B_bᵀB_b + μ₀)d + ∇R(x)`` (:meth:`LowerLevel.grad_from_anchor`),
       ``c`` the quadratic part at the anchor computed in float64, ``x = fl(anchor + d)``: its
       rounding error is ~1e-7 of ``‖d‖ + ‖c‖``, not of ``‖x‖``.
     * **Iterate.** The updates act on ``d`` (``d⁺ = d_y − ∇h/L``, momentum on ``d``), which is small,
-      so steps far below the float32 spacing of ``x`` (≈ 3e-8 at 0.5) still accumulate; a plain
-      float32 iteration stalls once ``‖∇h‖/L`` per entry is below that spacing.
+      so steps far below the float32 spacing of ``x`` (≈ 3e-8 at 0.5) still accumulate.
     * **Certificate** (when :class:`_Certificate` says it is due, at the cap, or on a stall): the
       stored point ``x̃ = fl(anchor + d)`` is cast to float64 (exactly) and ``g = ∇h(x̃)`` is
       evaluated there; the bound then holds for ``x̃`` as stored.  If it fails, the iteration is
       refined: the anchor moves to ``x̃`` (its float64 quadratic part just computed), ``d`` to 0,
       and the step uses the float64 ``g``.
-    * **Stall.** When ``‖∇h‖`` has not halved for :func:`_stall_window` iterations, the point is
-      checked and the iteration refined as above; if ``‖∇h‖`` does not halve in the next window
-      either, the solve ends there, certified or not (``converged=False`` then, with the float64
-      ``‖∇h‖``): below some ε no float32 point can be certified (the float32 grid nearest to
-      ``x̂`` is ``~6e-8‖x̂‖`` away), and running to the cap would not change that.
+    * **Switch to float64.** At a failed check (one is forced at iteration :data:`_FLOOR_PROBE`) the float32 gradient ``g₃₂`` of the same point is
+      compared with the float64 one: ``e = g₃₂ − g``.  Near ``x̂`` the float32 iteration drives
+      ``g₃₂`` to ~0, so the exact gradient it can reach is ~``−e``; when the certificate's bound of
+      ``e`` exceeds ε/2 (or ``‖∇h‖`` has not halved over two stall windows of ``5√(L/μ)``
+      iterations) float32 cannot certify ε, and the remaining iterations run :func:`_accelerated`'s
+      recurrence in float64 from the float64 point ``anchor + d`` (momentum kept).  Measured on the
+      default run (3×256×256, μ ≈ 0.01): the float32 points stall at ``‖∇h‖`` ≈ 5e-6, whose energy
+      bound is ~2e-4, so ε below ~2e-4 was never certified before this switch.
+    * **Certificate of the float64 phase** (triangle inequality): with ``x₆₄`` the float64 iterate and
+      ``x̃ = fl(x₆₄)`` the returned one, ``‖x̃ − x̂‖ ≤ B(x₆₄) + ‖x̃ − x₆₄‖``, ``B`` the certificate's
+      bound (:class:`_Certificate`, valid for any float64 point) and the rounding distance computed
+      exactly in float64.
+    * **Unreachable ε.** ``fl`` rounds each entry to the nearest float32 number, so ``x̃`` is the float32
+      point nearest to ``x₆₄`` and, the distance to the float32 grid ``G`` being 1-Lipschitz,
+      ``dist(x̂, G) ≥ ‖x̃ − x₆₄‖ − ‖x₆₄ − x̂‖ ≥ ‖x̃ − x₆₄‖ − B(x₆₄)``.  When this exceeds ε, *no*
+      float32 point lies within ε of ``x̂``: the solve stops uncertified (``converged=False``, finite
+      ``grad_norm``: MAID's ``'max_iter'``), counted in ``LOW_PRECISION_STATS['unreachable']``.
+      (The grid is ~``1.7e-8·sqrt(n)`` away for values in [0.5, 1): 7.6e-6 on 3×256×256.)
+
+    ``grad_norm`` is always the float64 ``‖∇h(x̃)‖`` of the returned point.
     """
     h64 = certificate.h
     step = 1.0 / h.L
     dtype, dev = x0.dtype, x0.device
+    LOW_PRECISION_STATS["solves"] += 1
 
     def up(t):
         return t.to(dtype=torch.float64, device=h64.y.device)
@@ -317,7 +347,8 @@ def _accelerated_refined(h: LowerLevel, x0: torch.Tensor, max_iter: int, momentu
     c = h64.quadratic_grad(up(x0)).to(dtype=dtype, device=dev)
     d_prev = torch.zeros_like(x0)
     d = d_prev
-    window = _stall_window(h)
+    window = max(1, math.ceil(_stall_window(h) / 4))
+    evaluations0 = certificate.evaluations
     best, k_best, k_refined = math.inf, 0, -1
     for k in range(max_iter + 1):
         x = anchor + d
@@ -328,13 +359,19 @@ def _accelerated_refined(h: LowerLevel, x0: torch.Tensor, max_iter: int, momentu
         if gn < 0.5 * best:
             best, k_best = gn, k
         stalled = k - k_best >= window
-        if certificate.due(gn) or stalled or k == max_iter:
+        probe = k == _FLOOR_PROBE and k_refined < 0 and certificate.evaluations == evaluations0
+        if certificate.due(gn) or stalled or probe or k == max_iter:
             q64, g64 = quadratic_and_grad(x)
             gn64 = torch.linalg.vector_norm(g64).item()
             if certificate.bound(g64, gn) <= certificate.eps:
                 return LowerSolve(x, k, gn64, True)
-            if (stalled and k_best <= k_refined) or k == max_iter or not math.isfinite(gn64):
+            if k == max_iter or not math.isfinite(gn64):
                 return LowerSolve(x, k, gn64, False)
+            floor = _bound_of(certificate, up(g) - g64)
+            if floor > 0.5 * certificate.eps or (stalled and k_best <= k_refined):
+                LOW_PRECISION_STATS["float64_fallbacks"] += 1
+                return _float64_finish(h64, up(x), up(anchor) + up(d_prev), g64, k, max_iter, step, momentum,
+                                       certificate, dtype, dev)
             d_prev = d_prev - d                     # the previous iterate relative to the new anchor
             anchor, c, d = x, q64.to(dtype=dtype, device=dev), torch.zeros_like(d)
             g = g64.to(dtype=dtype, device=dev)
@@ -344,6 +381,44 @@ def _accelerated_refined(h: LowerLevel, x0: torch.Tensor, max_iter: int, momentu
         d_next = torch.add(d, g, alpha=-step)
         d = torch.lerp(d_prev, d_next, 1.0 + momentum(k))
         d_prev = d_next
+    raise AssertionError("unreachable")
+
+
+def _bound_of(certificate: _Certificate, v: torch.Tensor) -> float:
+    """The certificate's bound of a float64 vector ``v`` as if it were a gradient (no schedule
+    update, not counted): ``‖v‖/μ``, or ``min(‖v‖/μ, sqrt(vᵀQ⁻¹v/μ))`` for ``'energy'``."""
+    h = certificate.h
+    bound = torch.linalg.vector_norm(v).item() / h.mu
+    return min(bound, h.energy_bound(v)) if certificate.kind == "energy" else bound
+
+
+def _float64_finish(h64: LowerLevel, y: torch.Tensor, x_prev: torch.Tensor, g: torch.Tensor, k0: int,
+                    max_iter: int, step: float, momentum: Callable[[int], float], certificate: _Certificate,
+                    dtype: torch.dtype, dev) -> LowerSolve:
+    """Iterations ``k0 … max_iter`` of the accelerated recurrence in float64 from the extrapolated
+    point ``y`` (gradient ``g`` at ``y``, whose check at ``k0`` has just failed) and the previous
+    iterate ``x_prev``; the returned
+    point is ``fl(y)`` in ``dtype``, certified by the triangle inequality or declared unreachable
+    (see :func:`_accelerated_refined`)."""
+    for k in range(k0, max_iter + 1):
+        LOW_PRECISION_STATS["float64_iterations"] += int(k > k0)
+        if k > k0:                                  # at k0 the caller's check of y has just failed
+            g = h64.grad(y)
+            gn = torch.linalg.vector_norm(g).item()
+            if not math.isfinite(gn):
+                return LowerSolve(y.to(dtype=dtype, device=dev), k, gn, False)
+        if k > k0 and (certificate.due(gn) or k == max_iter):
+            x_low = y.to(dtype=dtype)
+            rounding = torch.linalg.vector_norm(x_low.double() - y).item()
+            bound = certificate.bound(g, gn)
+            unreachable = rounding - bound > certificate.eps
+            if bound + rounding <= certificate.eps or unreachable or k == max_iter:
+                LOW_PRECISION_STATS["unreachable"] += int(unreachable)
+                gn_low = torch.linalg.vector_norm(h64.grad(x_low.double())).item()
+                return LowerSolve(x_low.to(device=dev), k, gn_low, bound + rounding <= certificate.eps)
+        x = torch.add(y, g, alpha=-step)
+        y = torch.lerp(x_prev, x, 1.0 + momentum(k))
+        x_prev = x
     raise AssertionError("unreachable")
 
 
