@@ -7,11 +7,12 @@ import math
 
 import pytest
 import torch
+from test_maid import ShiftedQuadratic
 
 from maid import BilevelProblem, ErrorConstants, LowerSolve, MAIDConfig, config_dict, inexact_gradient_descent
 
 
-class Quadratic(BilevelProblem):
+class Quadratic(ShiftedQuadratic):
     """``h(x, θ) = ½‖x − θ‖²`` (solved exactly), ``g = ½‖x − 5‖²``: ``∇f(θ) = θ − 5``.  Records the
     accuracy and cap of every lower solve and adjoint solve."""
 
@@ -20,26 +21,11 @@ class Quadratic(BilevelProblem):
 
     def solve_lower(self, theta, x0, eps, max_iter):
         self.lower_calls.append((eps, max_iter))
-        return LowerSolve(theta.clone(), 1, 0.0, True)
-
-    def upper_loss(self, x, theta):
-        return 0.5 * ((x - 5) ** 2).sum()
-
-    def upper_grad_x(self, x, theta):
-        return x - 5
-
-    def hessian_vp(self, x, theta, v):
-        return v
-
-    def mixed_vjp(self, x, theta, q):
-        return -q
+        return ShiftedQuadratic.solve_lower(self, theta, x0, eps, max_iter)
 
     def solve_adjoint(self, x, theta, rhs, q0, delta, max_iter):
         self.adjoint_calls.append((delta, max_iter))
         return rhs.clone(), 1, True                       # ∇²ₓₓh = I
-
-    def error_constants(self, x, theta):
-        return ErrorConstants(1.0, 1.0, 1.0, 0.0, 0.0)
 
 
 def test_inexact_gradient_descent_passes_its_accuracies_and_caps_unchanged():
