@@ -8,7 +8,8 @@ Part 1 runs the default 2D driver, ``ADP.run`` (astronaut 3×256×256, motion bl
 defaults), once per dtype and repeat, interleaved, into a temporary results folder, and reports
 wall and CPU time, lower-level and CG iterations, solves that ended uncertified (``lower_cap_hits``
 plus an uncertified TV baseline) and the final PSNR.  float32 solves are certified in float64
-(``lower_level.solve_lower``).
+(``lower_level.solve_lower``); the float32 line is followed by ``lower_level.LOW_PRECISION_STATS``: solves
+switched to float64 iterations and solves whose ε no float32 point can meet.
 
 Part 2 replays the default run's MAID iterations (``maid.maid`` with the driver's settings, the
 descent check off as in the driver) and at each iterate ``(x̃_k, b_k)`` compares, with the true
@@ -36,10 +37,14 @@ import torch  # noqa: E402
 
 def timed_driver_run(dtype: str, results_dir: str) -> dict:
     import ADP
+    import lower_level
+    stats = lower_level.LOW_PRECISION_STATS
+    for key in stats:
+        stats[key] = 0
     t0, c0 = time.perf_counter(), time.process_time()
     s = ADP.run(dtype=dtype, results_dir=results_dir, progress=False)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"wall": wall, "cpu": cpu, "summary": s}
+    return {"wall": wall, "cpu": cpu, "summary": s, "low": dict(stats)}
 
 
 def part1(repeats: int) -> tuple[float, int]:
@@ -62,6 +67,10 @@ def part1(repeats: int) -> tuple[float, int]:
         out[dt] = (wall, cpu, caps, psnr)
         print(f"{dt:8s} {wall:7.2f} {cpu:6.2f} {t_maid:7.2f} {t_tv:5.2f} {s['lower_iterations']:9d} "
               f"{s['cg_iterations']:6d} {caps:11d} {psnr:8.4f}")
+    low = runs["float32"][0]["low"]
+    print(f"float32 solves: {low['solves']}, of which {low['float64_fallbacks']} finished in float64 "
+          f"({low['float64_iterations']} float64 iterations) and {low['unreachable']} stopped uncertified "
+          f"because no float32 point is provably within ε")
     ratio = out["float32"][0] / out["float64"][0]
     print(f"float32/float64: wall {ratio:.2f}, cpu {out['float32'][1] / out['float64'][1]:.2f}; "
           f"PSNR difference {out['float32'][3] - out['float64'][3]:+.4f} dB")
