@@ -27,14 +27,19 @@ ADP fair learned / known     ADP-β-MAID at the fair α with ``A_up = B_b`` / ``
 TV fair, b₀ mass s(μ₀)       control: fair TV with b₀ scaled to the mass s = (1 + √(1 − 4μ₀))/2
                              at which μ₀ no longer shrinks the mean intensity (no learning)
 oracle TV                    fair TV with the true kernel (9×9 motion∘Gaussian for semiblind)
+ADP prox simplex 9×9 …       semiblind only (issue 17, ADP.py's options): proximal MAID with the
+                             kernel on the simplex, b₀ zero-padded to 9×9, fair β on the squared
+                             H¹ norm, learned / known operator; "simplex+H¹ … paper β": the
+                             unsquared H¹ norm by its prox at the paper's β (3β_p/n)
+ADP preset semiblind_strong  semiblind only: presets/semiblind_strong.py's settings, from x = y
 DIP ES-WMV / best iterate    ``--with_dip``: ``DIP.run`` on the same data (known kernel for
                              motion, simplex-learned kernel for semiblind), at ES-WMV's
                              selection and at the PSNR-best iterate (an oracle)
 ===========================  ================================================================
 
-Further rows (e.g. issue 17's proximal MAID with the kernel on the simplex, b₀ zero-padded to
-9×9) are one decorated function each: ``@row(name, group, available)`` with ``available()``
-returning why the row cannot run yet (shown by ``--list_rows`` and in ``table.md``).
+Further rows are one decorated function each: ``@row(name, group, available, settings)`` with
+``available()`` returning why the row cannot run yet (shown by ``--list_rows`` and in ``table.md``)
+and ``settings`` the settings it is for (empty: all).
 
 Columns: PSNR, SSIM, MAID upper iterations (accepted), lower-level and CG iterations, seconds,
 stop reason, ``‖b* − b₀‖/‖b₀‖`` and, for the semiblind settings, ``‖b* − b_true‖/‖b₀ − b_true‖``;
