@@ -80,8 +80,11 @@ def test_make_detector_builds_the_named_rule_with_its_settings():
     e = make_detector("emv", patience=3, alpha=0.25)
     assert isinstance(w, WindowedVariance) and (w.window, w.patience) == (5, 7)
     assert isinstance(e, ExponentialVariance) and (e.alpha, e.patience) == (0.25, 3)
-    d = make_detector("wmv")
-    assert (d.window, d.patience) == (100, 1000)
+    d, e = make_detector("wmv"), make_detector("emv")
+    assert (d.window, d.patience) == (100, 1000) and (e.alpha, e.patience) == (0.1, 1000)
+    assert WindowedVariance(3, 1).patience == 1                 # the smallest patience is 1
+    with pytest.raises(ValueError, match="strictly between 0 and 1, got 0.0"):
+        ExponentialVariance(0.0)
     with pytest.raises(ValueError, match="unknown early-stopping rule 'sgd'; use one of wmv, emv"):
         make_detector("sgd")
     with pytest.raises(ValueError, match="patience must be a positive integer, got 0"):
@@ -89,3 +92,12 @@ def test_make_detector_builds_the_named_rule_with_its_settings():
     with pytest.raises(ValueError, match="window must be an integer ≥ 2, got 1"):
         WindowedVariance(1, 3)
     assert math.isinf(WindowedVariance(3, 3).min_value) and WindowedVariance(3, 3).best() == (None, None)
+
+
+def test_ties_keep_the_earlier_iterate():
+    """Equal variances: the selection keeps the first iterate that reached the minimum (W = 2, the
+    gaps 2, 1, 1, 3 give VAR 1, ¼, ¼, 9/4: the minimum is reached at k = 3 and again at k = 4)."""
+    det = WindowedVariance(window=2, patience=10)
+    for s in (0.0, 2.0, 3.0, 4.0, 7.0):
+        det.update(torch.tensor([s]))
+    assert det.best()[1] == 3 and det.best()[0].item() == 3.0
