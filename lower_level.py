@@ -253,7 +253,11 @@ class _Certificate:
 
     def __init__(self, h: LowerLevel, eps: float, kind: str):
         self.h, self.eps, self.kind = h, eps, kind
-        self.ratio = 1.0 / h.mu if kind == "gradient" else 1.0 / math.sqrt(h.mu * h.Q_max)
+        # μ = 0: no bound exists (ratio and every bound ∞), so the solve runs to its cap uncertified
+        if not h.mu > 0:
+            self.ratio = math.inf
+        else:
+            self.ratio = 1.0 / h.mu if kind == "gradient" else 1.0 / math.sqrt(h.mu * h.Q_max)
         self.last = math.inf
         self.evaluations = 0
 
@@ -264,7 +268,7 @@ class _Certificate:
         """The bound for ``g`` (accurate: float64); ``gn_estimate`` is the loop's ``‖g‖`` that
         :meth:`due` saw (for the next schedule)."""
         self.evaluations += 1
-        bound = torch.linalg.vector_norm(g).item() / self.h.mu
+        bound = torch.linalg.vector_norm(g).item() / self.h.mu if self.h.mu > 0 else math.inf
         if self.kind == "energy" and bound > self.eps:
             bound = min(bound, self.h.energy_bound(g))
         if gn_estimate > 0:
@@ -347,7 +351,8 @@ def _accelerated_refined(h: LowerLevel, x0: torch.Tensor, max_iter: int, momentu
     c = h64.quadratic_grad(up(x0)).to(dtype=dtype, device=dev)
     d_prev = torch.zeros_like(x0)
     d = d_prev
-    window = max(1, math.ceil(_stall_window(h) / 4))
+    full_window = _stall_window(h)
+    window = max(1, math.ceil(full_window / 4)) if math.isfinite(full_window) else math.inf
     evaluations0 = certificate.evaluations
     best, k_best, k_refined = math.inf, 0, -1
     for k in range(max_iter + 1):
@@ -388,6 +393,8 @@ def _bound_of(certificate: _Certificate, v: torch.Tensor) -> float:
     """The certificate's bound of a float64 vector ``v`` as if it were a gradient (no schedule
     update, not counted): ``‖v‖/μ``, or ``min(‖v‖/μ, sqrt(vᵀQ⁻¹v/μ))`` for ``'energy'``."""
     h = certificate.h
+    if not h.mu > 0:
+        return math.inf
     bound = torch.linalg.vector_norm(v).item() / h.mu
     return min(bound, h.energy_bound(v)) if certificate.kind == "energy" else bound
 

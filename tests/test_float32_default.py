@@ -80,3 +80,15 @@ def test_eps_above_the_floor_stays_in_float32(problem, certificate):
     res = solve_lower(h32, y.float(), 1e-3, 3000, certificate=certificate)
     assert res.converged and lower_level.LOW_PRECISION_STATS["float64_fallbacks"] == before
     assert torch.linalg.vector_norm(res.x.double() - x_hat).item() <= 1e-3
+
+
+@pytest.mark.parametrize("dtype, certificate", [(torch.float32, "auto"), (torch.float64, "energy"),
+                                                (torch.float64, "gradient")])
+def test_no_strong_convexity_means_no_certificate_not_a_crash(dtype, certificate):
+    """With μ = 0 (zero kernel, μ₀ = 0, convex TV) no bound ‖x̃ − x̂‖ ≤ ε exists: the solve runs to
+    its cap and reports itself uncertified (it raised ZeroDivisionError in the certificate)."""
+    y = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+    h = LowerLevel(torch.zeros(1, 1, 3, 3, dtype=dtype), y, SmoothedTV(0.1, 0.1), 0.0)
+    assert h.mu == 0
+    out = solve_lower(h, y.clone(), 1e-3, 10, certificate=certificate)
+    assert out.status == "max_iter" and not out.converged and out.iters == 10
