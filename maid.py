@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -735,6 +736,15 @@ class MAIDResult:
     state: MAIDState
 
 
+def _caller_level() -> int:
+    """The ``stacklevel`` that makes a warning issued in this module point at the first frame
+    outside it (the user's call of :func:`maid`, whatever the depth of the internal calls)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _finite(*ts) -> bool:
     return all(bool(torch.isfinite(t).all()) if torch.is_tensor(t) else math.isfinite(t) for t in ts)
 
@@ -753,7 +763,7 @@ class _Counter:
                 warnings.warn(f"a lower-level solve stopped at lower_max_iter={self.cfg.lower_max_iter} before "
                               f"certifying ‖x̃ − x̂‖ ≤ ε={eps:.3g}; the sufficient-decrease test is not rigorous for "
                               f"such solves (their number is logged as lower_cap_hits)", RuntimeWarning,
-                              stacklevel=4)
+                              stacklevel=_caller_level())
             self.s.lower_cap_hits += 1
         return res
 
@@ -990,7 +1000,7 @@ def _warn_if_never_moved(stop: str, s: MAIDState) -> None:
     if stop in ("eps_min", "no_progress") and not any(r["accepted"] for r in s.log):
         warnings.warn(f"MAID stopped ({stop}) after {s.k} iterations without accepting a step: θ is θ₀ "
                       f"(try a smaller step0 or eps0, or check upper_grad_theta/mixed_vjp)", RuntimeWarning,
-                      stacklevel=3)
+                      stacklevel=_caller_level())
 
 
 def maid(problem, theta0: torch.Tensor | None = None, x0: torch.Tensor | None = None,
