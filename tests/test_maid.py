@@ -416,27 +416,12 @@ def test_error_bound_needs_direct_partial_term_for_learned_operator(C, k):
 # ------------------------------------------------------------------------------------------
 # the descent-check rule (maid.descent_check_decision)
 # ------------------------------------------------------------------------------------------
-class ScaledOmega(BilevelProblem):
+class ScaledOmega(ShiftedQuadratic):
     """ShiftedQuadratic (x̂ = θ, f = ½(θ − 5)², z = θ − 5 exactly) whose constants give
     ω = J(ε + δ): ‖J‖ = J, μ = L_g = 1, L_J = L_{H⁻¹} = 0."""
 
     def __init__(self, J):
         self.J = J
-
-    def solve_lower(self, theta, x0, eps, max_iter):
-        return LowerSolve(theta.clone(), 1, 0.0, True)
-
-    def upper_loss(self, x, theta):
-        return 0.5 * ((x - 5) ** 2).sum()
-
-    def upper_grad_x(self, x, theta):
-        return x - 5
-
-    def hessian_vp(self, x, theta, v):
-        return v
-
-    def mixed_vjp(self, x, theta, q):
-        return -q
 
     def error_constants(self, x, theta):
         return ErrorConstants(1.0, 1.0, self.J, 0.0, 0.0)
