@@ -145,7 +145,7 @@ def _tv_hessian_change_reference(x, q, alpha, gamma, kappa, E, mu):
                     max(f / math.sqrt(m) for *_, f, m, _ in rows))
     operator = 8 * alpha * max(a * s for _, s, a, *_ in rows) / mu
     energy = math.sqrt(8) * max(alpha * a * s / math.sqrt(m_u) for _, s, a, _, _, m_u in rows) / math.sqrt(mu)
-    regimes = {s == 2 * E for _, s, *_ in rows}
+    regimes = {s == 2 * E for _, s, *_ in rows} | ({"operator"} if operator < energy else set())
     return math.sqrt(8) * per_pixel / math.sqrt(mu), min(operator, energy), regimes
 
 
@@ -156,15 +156,18 @@ def _point(p, b, y, seed=3):
     return x, 0.1 * rand(C, H, W, seed=seed + 1)
 
 
-@pytest.mark.parametrize("op", ["learned", "known"])
-def test_every_term_of_the_local_bound_against_dense_references(op):
+@pytest.mark.parametrize("op,mu0,alpha,gamma", [("learned", 1e-3, 0.05, 0.05), ("known", 1e-3, 0.05, 0.05),
+                                                ("learned", 1.0, 0.05, 0.5)],
+                         ids=["learned", "known", "large_mu0_gamma"])
+def test_every_term_of_the_local_bound_against_dense_references(op, mu0, alpha, gamma):
     """Items 1–7 with SmoothedTV: ``κ = ‖∇h(x̃)‖_{Q⁻¹}``, ``E = κ/√μ`` (μ = λ_min of the dense Q),
     ``‖r‖_{Q⁻¹}`` of the CG residual ``r = ∇ₓg(x̃) − H̃q̃`` (H̃ by autograd), ``‖v₁‖`` bound
     ``(2/n) λ_max(Q^{-1/2}A_upᵀA_upQ^{-1/2}) κ`` (with the known kernel's A for ``op='known'``),
     ``(V₃, c₄)`` from the pixel-by-pixel reference, and adjoint / mixed / direct / ω assembled from
     dense ``‖Q^{-1/2}C_u‖``, ``‖Q^{-1/2}B_bᵀC_u‖``, ``‖P⊥Q^{-1/2}·‖`` and the exact mean part
-    ``‖J̃ᵀH̃⁻¹r̄‖`` (dense solve with H̃).  Both regimes of ``s_p`` (root and ``2E``) occur."""
-    p, b, y = _problem(op)
+    ``‖J̃ᵀH̃⁻¹r̄‖`` (dense solve with H̃).  In the first two cases both regimes of ``s_p`` (root and
+    ``2E``) occur and ``c₄`` is the energy form; with μ₀ = 1, γ = 0.5 it is the operator form ``‖Ĥ − H̃‖/μ``."""
+    p, b, y = _problem(op, SmoothedTV(alpha, gamma), mu0)
     x, q = _point(p, b, y)
     t = p.hypergradient_error_terms(x, b, q)
     d = _Dense(p, b, x, q)
@@ -174,8 +177,8 @@ def test_every_term_of_the_local_bound_against_dense_references(op):
     assert t["E"] == pytest.approx(d.kappa / math.sqrt(d.mu), rel=REL)
     assert t["cg_residual"] == pytest.approx(d.qnorm(d.r), rel=REL)
     assert t["upper_change"] == pytest.approx((2 / p.n) * d.m_A * d.kappa, rel=REL)
-    V3, c4, regimes = _tv_hessian_change_reference(x, q, 0.05, 0.05, d.kappa, t["E"], d.mu)
-    assert regimes == {True, False}
+    V3, c4, regimes = _tv_hessian_change_reference(x, q, alpha, gamma, d.kappa, t["E"], d.mu)
+    assert regimes == ({True, "operator"} if mu0 == 1.0 else {True, False})
     assert t["hessian_change"] == pytest.approx(V3, rel=REL)
     V4 = c4 * (t["cg_residual"] + t["upper_change"])
     assert t["hessian_change_2"] == pytest.approx(V4, rel=REL)
