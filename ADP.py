@@ -80,7 +80,7 @@ baseline_lipschitz_factor = 1.0  # N > 0 only: step 1/L̃, L̃ = 10 power iterat
 # output and machine
 results_dir = "Results"    # a new folder is made inside for every run
 device = "auto"            # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
-dtype = "float64"          # float64 | float32 (float32: ‖∇h‖ stalls near 1e-5, solves hit lower_iter; see README)
+dtype = "float64"          # float64 | float32 (certified in float64; ε below ~1.7e-8·√n cannot be certified: see README)
 resume = ""                # path to a checkpoint.pt (or its run folder) to continue an interrupted run
 progress = True            # tqdm progress bar and the printed summary table
 # ------------------------------------------------------------------------------------------
@@ -443,8 +443,11 @@ def _report(cfg, run_dir, summary, scores, interrupted) -> None:
               + ("; b₀ is already stationary, e.g. β ≥ the data term's slope for kernel_penalty=h1"
                  if summary["stop_reason"] == "converged" else "") + ")", file=sys.stderr)
     if summary["lower_cap_hits"]:
-        print(f"warning: {summary['lower_cap_hits']} lower-level solves hit lower_iter={cfg['lower_iter']}; their "
-              f"accuracy ε is not certified (raise --lower_iter)", file=sys.stderr)
+        why = (f"hit lower_iter={cfg['lower_iter']} or met an ε below what float32 can certify (the float32 grid "
+               f"is ~1.7e-8·√n from x̂); use --dtype=float64 or a threshold above that distance"
+               if cfg["dtype"] == "float32" else f"hit lower_iter={cfg['lower_iter']} (raise --lower_iter)")
+        print(f"warning: {summary['lower_cap_hits']} lower-level solves ended uncertified: they {why}",
+              file=sys.stderr)
     if summary["cg_cap_hits"]:
         print(f"warning: {summary['cg_cap_hits']} conjugate-gradient solves hit cg_iter={cfg['cg_iter']} before the "
               f"residual δ; their hypergradients are less accurate than ω assumes (raise --cg_iter)", file=sys.stderr)

@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from imaging import pad_kernel  # noqa: E402
+
 
 # --------------------------------------------------------------------------------------------
 # atomic writes: a crash at any moment leaves either the old file or the new one, never half
@@ -91,18 +93,13 @@ def comparison_figure(panels: list[tuple[str, torch.Tensor]], path: str) -> None
     save_figure(fig, path)
 
 
-def _padded(t: torch.Tensor, size: int) -> torch.Tensor:
-    m = (size - t.shape[-1]) // 2
-    return torch.nn.functional.pad(t, (m, m, m, m))
-
-
 def kernel_figure(b0: torch.Tensor, b: torch.Tensor, path: str, names=("R", "G", "B"),
                   b_true: torch.Tensor | None = None) -> None:
     """Per channel: ``b₀``, ``b*`` and (when given) the true kernel ``b_true`` on a shared colour
     scale, zero-padded centrally to a common size, then ``|b* − b₀|``."""
     kernels = [("b₀", b0), ("b*", b)] + ([] if b_true is None else [("b_true", b_true)])
     size = max(t.shape[-1] for _, t in kernels)
-    kernels = [(t, _padded(k.detach().double().cpu(), size)) for t, k in kernels]
+    kernels = [(t, pad_kernel(k.detach().double().cpu(), size)) for t, k in kernels]
     lo = min(k.min().item() for _, k in kernels)
     hi = max(k.max().item() for _, k in kernels)
     panels = [(t, k, dict(vmin=lo, vmax=hi, cmap="viridis")) for t, k in kernels]

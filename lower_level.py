@@ -279,9 +279,9 @@ class _Certificate:
 
 def _stall_window(h: LowerLevel) -> int:
     """Iterations without halving the best ``‖∇h‖`` after which a low-precision solve is declared
-    stalled: ``20√(L/μ)`` (in exact arithmetic the accelerated scheme contracts ``h − h*`` by
-    ``(1 − √(μ/L))`` per iteration, a factor ``e⁻²⁰`` over the window)."""
-    return math.ceil(20 * math.sqrt(h.L / h.mu)) if h.mu > 0 else math.inf
+    stalled: ``⌈5√(L/μ)⌉`` (in exact arithmetic the accelerated scheme contracts ``h − h*`` by
+    ``(1 − √(μ/L))`` per iteration, a factor ``e⁻⁵`` over the window); ∞ when μ = 0."""
+    return max(1, math.ceil(5 * math.sqrt(h.L / h.mu))) if h.mu > 0 else math.inf
 
 
 LOW_PRECISION_STATS = {"solves": 0, "float64_fallbacks": 0, "float64_iterations": 0, "unreachable": 0}
@@ -319,7 +319,8 @@ def _accelerated_refined(h: LowerLevel, x0: torch.Tensor, max_iter: int, momentu
       ``g₃₂`` to ~0, so the exact gradient it can reach is ~``−e``; when the certificate's bound of
       ``e`` exceeds ε/2 (or ``‖∇h‖`` has not halved over two stall windows of ``5√(L/μ)``
       iterations) float32 cannot certify ε, and the remaining iterations run :func:`_accelerated`'s
-      recurrence in float64 from the float64 point ``anchor + d`` (momentum kept).  Measured on the
+      recurrence in float64 from the checked point ``fl₃₂(anchor + d)`` cast to float64, where the
+      float64 gradient was just evaluated (momentum kept).  Measured on the
       default run (3×256×256, μ ≈ 0.01): the float32 points stall at ``‖∇h‖`` ≈ 5e-6, whose energy
       bound is ~2e-4, so ε below ~2e-4 was never certified before this switch.
     * **Certificate of the float64 phase** (triangle inequality): with ``x₆₄`` the float64 iterate and
@@ -351,8 +352,7 @@ def _accelerated_refined(h: LowerLevel, x0: torch.Tensor, max_iter: int, momentu
     c = h64.quadratic_grad(up(x0)).to(dtype=dtype, device=dev)
     d_prev = torch.zeros_like(x0)
     d = d_prev
-    full_window = _stall_window(h)
-    window = max(1, math.ceil(full_window / 4)) if math.isfinite(full_window) else math.inf
+    window = _stall_window(h)
     evaluations0 = certificate.evaluations
     best, k_best, k_refined = math.inf, 0, -1
     for k in range(max_iter + 1):
@@ -498,9 +498,9 @@ def solve_lower(h: LowerLevel, x0: torch.Tensor, eps: float, max_iter: int, solv
     ``h.certificate_evaluations`` counts the float64 checks (not counted as iterations).
     Limit: the refinement removes the rounding floor of the quadratic part only; a regulariser
     whose gradient is a sum of large cancelling terms near ``x̂`` (e.g. a Fields of Experts prior
-    with unnormalised filters) keeps a floor of ~1e-7 of their size, and below it the solve ends
-    uncertified at a stall (measured: FoE 2×3×3 filters, ``L/μ`` = 8e4, ε = 1e-4: float64 certified
-    in 4005 iterations, float32 stopped uncertified after 20689).
+    with unnormalised filters) keeps a floor of ~1e-7 of their size; below it the solve switches to
+    float64 at a second stall (before the switch existed: FoE 2×3×3 filters, ``L/μ`` = 8e4,
+    ε = 1e-4: float64 certified in 4005 iterations, float32 stopped uncertified after 20689).
     """
     _check_solver(solver)
     if certificate not in CERTIFICATES:

@@ -760,10 +760,12 @@ class _Counter:
         self.s.lower_iters += res.iters
         if res.status == "max_iter":          # a non-finite solve is not a cap hit: the caller handles it
             if self.s.lower_cap_hits == 0:
-                warnings.warn(f"a lower-level solve stopped at lower_max_iter={self.cfg.lower_max_iter} before "
-                              f"certifying ‖x̃ − x̂‖ ≤ ε={eps:.3g}; the sufficient-decrease test is not rigorous for "
-                              f"such solves (their number is logged as lower_cap_hits)", RuntimeWarning,
-                              stacklevel=_caller_level())
+                where = (f"at lower_max_iter={self.cfg.lower_max_iter}" if res.iters >= self.cfg.lower_max_iter else
+                         f"after {res.iters} of lower_max_iter={self.cfg.lower_max_iter} iterations (the solver "
+                         f"found ε below what its dtype can certify)")
+                warnings.warn(f"a lower-level solve stopped {where} before certifying ‖x̃ − x̂‖ ≤ ε={eps:.3g}; the "
+                              f"sufficient-decrease test is not rigorous for such solves (their number is logged as "
+                              f"lower_cap_hits)", RuntimeWarning, stacklevel=_caller_level())
             self.s.lower_cap_hits += 1
         return res
 

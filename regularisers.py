@@ -470,8 +470,8 @@ class FieldsOfExperts(Regulariser):
     **Boundary.** ``K_j x = conv2d(x, f_j)`` (a correlation, over all channels), with
     ``padding='valid'`` (default) evaluated only where the filter lies inside the image, output
     ``(H − k + 1) × (W − k + 1)``, or ``padding='zero'`` (zero padding ``k//2``, output ``H × W``).
-    ``Kᵀ`` is ``conv_transpose2d`` with the same padding: the exact adjoint of the same map
-    (tested).  'valid' is the default because zero padding creates artificial edges between the
+    ``Kᵀ`` is the input-gradient of that convolution (``torch.nn.grad.conv2d_input``) with the
+    same padding: the exact adjoint of the same map (tested).  'valid' is the default because zero padding creates artificial edges between the
     image (values ≈ 0.5) and the zeros around it, to which zero-mean filters respond, so the
     learned prior would pull the border towards 0.
 
@@ -590,6 +590,9 @@ class FieldsOfExperts(Regulariser):
         """``P̄ ≥ ‖Σ_j |w_j| K_jᵀK_j‖`` by the frequency grid and Bernstein's inequality (class
         docstring): ``max_grid P / (1 − 2πd/M)`` with M the smallest power of two ≥ 64 for which
         ``2πd/M ≤ grid_factor``."""
+        if not 0 < grid_factor < 1:
+            raise ValueError(f"grid_factor must lie strictly between 0 and 1 (2πd/M ≤ grid_factor keeps "
+                             f"1 − 2πd/M > 0), got {grid_factor!r}")
         f = self.filters.detach().double()
         d = f.shape[-1] - 1
         if d == 0:  # 1×1 filters: P is constant
