@@ -302,22 +302,6 @@ PROX_KERNEL_SIZE = 9       # learned_kernel_size: the true kernel (motion∘Gaus
 PRESET = os.path.join(_ROOT, "presets", "semiblind_strong.py")
 
 
-def _prox_available():
-    try:
-        import ADP
-    except Exception as e:  # noqa: BLE001  (a module being edited may fail to import)
-        return f"ADP.py cannot be imported ({type(e).__name__})"
-    missing = [k for k in ("kernel_constraint", "kernel_penalty", "learned_kernel_size") if k not in ADP.DEFAULTS]
-    missing += [f for f in ("build_composite", "learned_b0") if not callable(getattr(ADP, f, None))]
-    return f"ADP.py lacks {', '.join(missing)}" if missing else None
-
-
-def _preset_available():
-    if not os.path.isfile(PRESET):
-        return f"{os.path.relpath(PRESET, _ROOT)} is not there yet"
-    return _prox_available()
-
-
 def _adp_cfg(ctx, **settings) -> dict:
     """ADP.py's configuration for this case: its DEFAULTS, the fair protocol's lower level and
     β, this case's data, then ``settings``."""
@@ -364,10 +348,10 @@ for _name, _op, _pen in (("ADP prox simplex 9×9 learned", "learned", "h1_square
                          ("ADP prox simplex+H¹ 9×9 paper β", "learned", "h1")):
     _fn = _prox_row(_op, _pen)
     _fn.row_name = _name
-    row(_name, "prox", _prox_available, SEMIBLIND)(_fn)
+    row(_name, "prox", None, SEMIBLIND)(_fn)
 
 
-@row("ADP preset semiblind_strong", "prox", _preset_available, SEMIBLIND)
+@row("ADP preset semiblind_strong", "prox", None, SEMIBLIND)
 def _adp_preset(ctx):
     """``python ADP.py presets/semiblind_strong.py`` on this case's data: the preset's settings over
     ADP.py's DEFAULTS (its lower level and MAID settings included), the data settings this
