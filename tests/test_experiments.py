@@ -50,8 +50,6 @@ def test_prox_rows_keep_the_kernel_on_the_simplex_and_9x9():
     unsquared-H¹ row at the paper's β reports that β (3·100/n).  A row that dropped
     ``kernel_constraint`` would leave the 9×9 support's sums free (they drift by 1e-3–1e-2)."""
     import reproduce_2d as R
-    if R._prox_available():
-        pytest.skip(R._prox_available())
     opts = R.resolve(quick=True, size=24, upper_iter=3)
     names = ["ADP prox simplex 9×9 learned", "ADP prox simplex 9×9 known", "ADP prox simplex+H¹ 9×9 paper β"]
     res = R.run_case("coffee", "semiblind_1.5", opts, only=names)
