@@ -187,3 +187,14 @@ def test_per_sample_chunks_give_the_whole_stack_result(kind, semiblind, blur):
     whole = P.lower_grad(x, theta, y), P.hessian_vp(x, theta, v)
     for a, b in zip(parts, whole):
         torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14 * b.abs().max().item())
+
+
+def test_subset_keeps_the_chunk_size_and_the_data():
+    """``subset`` selects the samples in the given order and keeps the per-sample chunk size (a
+    subset made for ISGD's mini-batch evaluates with the same chunking as its parent)."""
+    P, _ = _problem("foe", semiblind=False, blur=False, n=5, C=1, size=12)
+    P.chunk = 3
+    sub = P.subset([4, 1])
+    assert sub.chunk == 3
+    torch.testing.assert_close(sub.y, P.y[[4, 1]], rtol=0, atol=0)
+    torch.testing.assert_close(sub.x_true, P.x_true[[4, 1]], rtol=0, atol=0)
