@@ -57,9 +57,10 @@ def project_simplex(v: torch.Tensor) -> torch.Tensor:
 
 
 def _on_simplex(b: torch.Tensor) -> bool:
-    """``b ≥ 0`` and each channel sums to 1 within ``max(1e-9, 2m·u)`` (m entries per channel, u
-    the dtype's unit roundoff: the rounding error of a sum of m non-negative numbers that add up to
-    1), so that a float32 projection is feasible (its sums are off by ~1e-7)."""
+    """``b ≥ 0`` and each channel sums to 1 within ``max(1e-9, 2m·eps)`` (m entries per channel,
+    eps = ``torch.finfo(dtype).eps``, the machine epsilon, twice the unit roundoff u: a generous
+    cover of the rounding error ≤ (m−1)·u of a sum of m non-negative numbers that add up to 1), so
+    that a float32 projection is feasible (its sums are off by ~1e-7)."""
     C = b.shape[0]
     sums = b.reshape(C, -1).sum(1)
     tol = max(_FEASIBILITY_TOL, 2 * b[0].numel() * torch.finfo(b.dtype).eps)
