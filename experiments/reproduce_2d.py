@@ -304,7 +304,8 @@ PRESET = os.path.join(_ROOT, "presets", "semiblind_strong.py")
 
 def _adp_cfg(ctx, **settings) -> dict:
     """ADP.py's configuration for this case: its DEFAULTS, the fair protocol's lower level and
-    β, this case's data, then ``settings``."""
+    β, this case's data, then ``settings``; checked by ``ADP.validate`` (a bad setting fails here,
+    with ADP.py's one-line message, not inside the run)."""
     import ADP
     cfg = dict(ADP.DEFAULTS, regulariser=P.FAIR["tv_kind"], tv_weight=P.FAIR["tv_weight"],
                tv_smoothing=P.FAIR["tv_smoothing"], mu0=P.MU0, beta=P.FAIR["beta"], upper_normalisation="n",
@@ -312,6 +313,7 @@ def _adp_cfg(ctx, **settings) -> dict:
     cfg.update({k: v for k, v in P.data_config(ctx.case.image, ctx.case.setting, ctx.opts["size"]).items()
                 if k in ADP.DEFAULTS})
     cfg.update(settings)
+    ADP.validate(cfg)
     return cfg
 
 
