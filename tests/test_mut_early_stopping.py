@@ -101,3 +101,49 @@ def test_ties_keep_the_earlier_iterate():
     for s in (0.0, 2.0, 3.0, 4.0, 7.0):
         det.update(torch.tensor([s]))
     assert det.best()[1] == 3 and det.best()[0].item() == 3.0
+
+
+def test_class_defaults_are_the_spec_values():
+    """SPEC §7: ES-WMV defaults W = 100, P = 1000; ES-EMV a = 0.1 with the same patience.  The
+    classes' own defaults (not only make_detector's) must be these values."""
+    w, e = WindowedVariance(), ExponentialVariance()
+    assert (w.window, w.patience) == (100, 1000)
+    assert (e.alpha, e.patience) == (0.1, 1000)
+
+
+def _drifting_iterates(n, shape, spike_every):
+    """float32 iterates ``c + 1e-3·noise`` (per-entry variance ~1e-6) with a spike of height 1e3
+    at every ``spike_every``-th iterate: when a spike leaves the window, M₂ falls from ~1e6·N to
+    ~1e-6·W·N, so the O(N) update loses ~ε₆₄·1e6·N, i.e. ~1e-3 relative (module docstring)."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(shape, generator=g)
+    for k in range(1, n + 1):
+        x = base + 1e-3 * torch.randn(shape, generator=g)
+        if k % spike_every == 0:
+            x = x + 1e3
+        yield x.to(torch.float32)
+
+
+def test_windowed_variance_refresh_cancels_drift_over_ten_thousand_float32_iterates():
+    """Exact refresh every W replacements: after each completed pass over the ring buffer
+    (k = 2W, 3W, …) the tracked VAR equals the float64 two-pass variance of the stored window to
+    1e-12 relative, through 10⁴ float32 iterates with a spike leaving the window every 5W
+    iterates (each of which costs the running update ~1e-3 relative: without the refresh, or with
+    it one slot early, the error shows at 1e-12); and the exact refresh (O(WN)) runs once per
+    W replacements, ⌊K/W⌋ − 1 times in K updates, never while the window fills (amortised O(N))."""
+    W, K = 8, 10_000
+    det = WindowedVariance(window=W, patience=K + 1)
+    calls = []
+    refresh = det._refresh
+    det._refresh = lambda: (calls.append(det.k), refresh())[1]
+    window = []
+    worst = 0.0
+    for k, x in enumerate(_drifting_iterates(K, (16,), spike_every=5 * W), start=1):
+        det.update(x)
+        window = (window + [x.double()])[-W:]
+        if k % W == 0:
+            w = torch.stack(window)
+            ref = ((w - w.mean(0)) ** 2).sum().item() / (W * x.numel())
+            worst = max(worst, abs(det.value - ref) / ref)
+    assert worst <= 1e-12
+    assert calls == list(range(2 * W, K + 1, W))
