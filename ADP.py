@@ -80,7 +80,7 @@ baseline_lipschitz_factor = 1.0  # N > 0 only: step 1/L̃, L̃ = 10 power iterat
 # output and machine
 results_dir = "Results"    # a new folder is made inside for every run
 device = "auto"            # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
-dtype = "float64"          # float64 | float32 (certified in float64; ε below ~1.7e-8·√n cannot be certified: see README)
+dtype = "float64"          # float64 | float32: float32 lower solves, CG and FFTs while ε is above what float32 points can certify; a solve below that finishes in float64 and returns its float64 iterate, whose hypergradient runs in float64 (mixed_precision.py); every solve certified (on mps: float32 only, ε below ~1.7e-8·√n uncertified)
 resume = ""                # path to a checkpoint.pt (or its run folder) to continue an interrupted run
 progress = True            # tqdm progress bar and the printed summary table
 # ------------------------------------------------------------------------------------------
@@ -98,6 +98,7 @@ from adp_problem import UPPER_OPERATORS, ADPBetaProblem  # noqa: E402
 from imaging import kernel_error_ratio, make_data, pad_kernel, psnr_ssim, resolve_device, true_kernel  # noqa: E402
 from lower_level import SOLVERS, LowerLevel, hessian_norm_estimate, solve_lower, solve_lower_fixed  # noqa: E402
 from maid import MAIDConfig, MAIDState, maid  # noqa: E402
+from mixed_precision import MixedPrecisionProblem  # noqa: E402
 from prox import H1NormPenalty, SimplexConstraint, SimplexH1Penalty  # noqa: E402
 from regularisers import REGULARISERS, make_regulariser  # noqa: E402
 
@@ -224,6 +225,18 @@ def build_composite(cfg: dict, y: torch.Tensor, b0: torch.Tensor, metrics_fn=Non
     """``(problem, prox)``: what MAID runs on, ``min_b f(b) + r(b)`` (:func:`build_problem` without
     the unsquared penalty, and :func:`build_prox`)."""
     return build_problem(cfg, y, b0, metrics_fn, smooth_penalty=False), build_prox(cfg, y, b0)
+
+
+def mixed_precision(cfg: dict, problem: ADPBetaProblem, y: torch.Tensor, b0: torch.Tensor, metrics_fn=None):
+    """What MAID runs on: ``problem`` itself in float64 (and on MPS, which has no float64); in
+    float32 a :class:`mixed_precision.MixedPrecisionProblem` of ``problem`` and its float64 twin
+    (the same settings on the exact float64 casts of ``y`` and ``b₀``), so that a lower solve whose
+    ε float32 points cannot certify finishes in float64 and returns its float64 iterate, and the
+    hypergradient at that iterate runs in float64 (θ stays float32)."""
+    if y.dtype == torch.float64 or y.device.type == "mps":
+        return problem
+    high = build_composite(cfg, y.double(), b0.double(), metrics_fn)[0]
+    return MixedPrecisionProblem(problem, high, low_dtype=y.dtype)
 
 
 def learned_b0(cfg: dict, b0: torch.Tensor) -> torch.Tensor:
@@ -362,8 +375,14 @@ def run(cfg: dict | None = None, **overrides) -> dict:
     bar = tqdm(total=cfg["upper_iter"], initial=0 if state is None else state.k, desc="MAID", unit="it",
                dynamic_ncols=True, disable=not cfg["progress"])
 
+    runner = mixed_precision(cfg, problem, y, b0, metrics)
+    if runner is not problem and state is not None and state.log:     # counts continue over a resume
+        runner.stats["promoted"] = state.log[-1].get("promoted_solves", 0)
+
     def on_iteration(rec, st):
         """Progress bar, and a copy of the state after each completed iteration (for Ctrl-C)."""
+        if runner is not problem:
+            rec["promoted_solves"] = runner.stats["promoted"]
         last_good["payload"] = _payload(cfg, st)
         bar.update(1)
         bar.set_postfix(loss=f"{rec['upper_loss']:.4g}", psnr=f"{rec['psnr']:.2f}", eps=f"{rec['eps']:.2g}",
@@ -371,7 +390,7 @@ def run(cfg: dict | None = None, **overrides) -> dict:
 
     interrupted = False
     try:
-        result = maid(problem, b0.clone(), y.clone(), mcfg, state=state, callback=on_iteration, prox=prox)
+        result = maid(runner, b0.clone(), y.clone(), mcfg, state=state, callback=on_iteration, prox=prox)
         log, b_star, x_adp, stop_reason = result.log, result.theta, result.x, result.stop_reason
         payload = _payload(cfg, result.state)
     except KeyboardInterrupt:
@@ -415,6 +434,9 @@ def _outputs(cfg, run_dir, x_true, y, kernels, x_tv, baseline, log, b_star, x_ad
                "upper_iterations": len(log), "accepted": accepted,
                "lower_iterations": last.get("lower_iters", 0), "cg_iterations": last.get("cg_iters", 0),
                "lower_cap_hits": last.get("lower_cap_hits", 0), "cg_cap_hits": last.get("cg_cap_hits", 0),
+               "uncertified_solves": last.get("lower_cap_hits", 0)        # MAID's, plus a TV baseline meant to converge
+               + int(cfg["baseline_iters"] == 0 and not baseline["baseline_converged"]),
+               "promoted_solves": last.get("promoted_solves", 0),
                "kernel_change": (torch.linalg.vector_norm(b_star - b0) / torch.linalg.vector_norm(b0)).item(),
                "kernel_error_ratio": kernel_error_ratio(b_star, b0, b_true),
                "kernel_sums": b_star.sum(dim=(-2, -1)).flatten().tolist(),
@@ -435,7 +457,9 @@ def _report(cfg, run_dir, summary, scores, interrupted) -> None:
         _say(cfg, f"kernel error ‖b* − b_true‖/‖b₀ − b_true‖ = {summary['kernel_error_ratio']:.4f}")
     _say(cfg, f"MAID: {summary['upper_iterations']} upper iterations ({summary['accepted']} accepted), stop: "
               f"{summary['stop_reason']}, {summary['lower_iterations']} lower + {summary['cg_iterations']} CG "
-              f"iterations, {summary['maid_seconds']:.1f} s; TV baseline {summary['baseline_iterations']} iterations, "
+              f"iterations ({summary['uncertified_solves']} solves uncertified"
+              + (f", {summary['promoted_solves']} returned float64" if cfg["dtype"] == "float32" else "") +
+              f"), {summary['maid_seconds']:.1f} s; TV baseline {summary['baseline_iterations']} iterations, "
               f"{summary['baseline_seconds']:.1f} s; total {summary['total_seconds']:.1f} s")
     if not summary["accepted"]:
         print(f"note: MAID accepted no step in {summary['upper_iterations']} upper iterations: b* = b₀, so the "
@@ -443,9 +467,9 @@ def _report(cfg, run_dir, summary, scores, interrupted) -> None:
               + ("; b₀ is already stationary, e.g. β ≥ the data term's slope for kernel_penalty=h1"
                  if summary["stop_reason"] == "converged" else "") + ")", file=sys.stderr)
     if summary["lower_cap_hits"]:
-        why = (f"hit lower_iter={cfg['lower_iter']} or met an ε below what float32 can certify (the float32 grid "
-               f"is ~1.7e-8·√n from x̂); use --dtype=float64 or a threshold above that distance"
-               if cfg["dtype"] == "float32" else f"hit lower_iter={cfg['lower_iter']} (raise --lower_iter)")
+        why = f"hit lower_iter={cfg['lower_iter']} (raise --lower_iter)" + (
+            "; or, on MPS (no float64 iterates), met an ε below what float32 can certify (the float32 grid is "
+            "~1.7e-8·√n from x̂): there use a threshold above that distance" if cfg["dtype"] == "float32" else "")
         print(f"warning: {summary['lower_cap_hits']} lower-level solves ended uncertified: they {why}",
               file=sys.stderr)
     if summary["cg_cap_hits"]:

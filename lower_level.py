@@ -261,8 +261,11 @@ class _Certificate:
         self.last = math.inf
         self.evaluations = 0
 
-    def due(self, gn: float) -> bool:
-        return gn <= self.h.mu * self.eps or (gn * self.ratio <= self.eps and gn < 0.9 * self.last)
+    def due(self, gn: float, eps: float | None = None) -> bool:
+        """Whether a check is due for the target ``eps`` (default: the certificate's ε; the float32
+        phase of :func:`_accelerated_refined` schedules for its hand-over level instead)."""
+        eps = self.eps if eps is None else eps
+        return gn <= self.h.mu * eps or (gn * self.ratio <= eps and gn < 0.9 * self.last)
 
     def bound(self, g: torch.Tensor, gn_estimate: float) -> float:
         """The bound for ``g`` (accurate: float64); ``gn_estimate`` is the loop's ``‖g‖`` that
@@ -284,12 +287,14 @@ def _stall_window(h: LowerLevel) -> int:
     return max(1, math.ceil(5 * math.sqrt(h.L / h.mu))) if h.mu > 0 else math.inf
 
 
-LOW_PRECISION_STATS = {"solves": 0, "float64_fallbacks": 0, "float64_iterations": 0, "unreachable": 0}
+LOW_PRECISION_STATS = {"solves": 0, "float64_fallbacks": 0, "float64_iterations": 0, "unreachable": 0,
+                       "float64_returns": 0, "stalls": 0}
 """Counters of :func:`_accelerated_refined` over the process (reset by the caller): low-precision
 solves, solves whose remaining iterations ran in float64 (``float64_fallbacks``; their iterations
-``float64_iterations``), and solves that
-stopped uncertified because no point of the low-precision grid is provably within ε of ``x̂``
-(``unreachable``)."""
+``float64_iterations``), solves that stopped uncertified because no point of the low-precision grid
+is provably within ε of ``x̂`` (``unreachable``), mixed solves (float64 ``x0``) that returned
+their float64 iterate (``float64_returns``), and hand-overs to float64 made on a stall rather than
+by the reach rule (``stalls``: each one wasted one or two stall windows of float32 iterations)."""
 
 
 _FLOOR_PROBE = 8
@@ -297,48 +302,101 @@ _FLOOR_PROBE = 8
 the float32 gradient error (the switch test of :func:`_accelerated_refined`) is measured early: by
 then the iterate has moved off the float32 start, so the rounding of ``anchor + d`` is in it."""
 
+_REACH_FACTOR = 2.0
+"""The float32 phase of :func:`_accelerated_refined` hands over to float64 once its certified bound
+is within this factor of what float32 points can show (:func:`_rounding_reach` plus the float32
+gradient error).  Measured on the default run's solves (3×256×256, reach 3.3e-4): the float32
+iterates stall at a bound of 4.9e-4 ≈ 1.5 × reach; a hand-over at 6e-4 (≈ 1.8×) cost 53 float32 + 34
+float64 iterations at ε = 5.8e-5, one at 1e-3 (3×) 38 + 48, float64 alone 93."""
+
+_REACH_HINTS: dict = {}
+"""Cache of :func:`_rounding_reach`, keyed by the data tensor ``y`` (identity, version, shape, dtype),
+``μ₀`` and the certificate kind (:func:`_reach_key`): the reach depends on the grid and on ``∇²h``
+near the solution, which change little from one kernel to the next, so one evaluation serves the
+solves of a run.  A float32 phase that stalls at a bound ``B`` above ``2 × reach`` raises the entry
+to ``B/2`` (the history of the previous solves: the next solves hand over at ``B`` at once).  It
+only schedules the hand-over to float64; no certificate depends on it."""
+
+
+def _reach_key(h: LowerLevel, certificate: _Certificate) -> tuple:
+    return (id(h.y), h.y._version, tuple(h.y.shape), h.y.dtype, h.mu0, certificate.kind)
+
+
+def _rounding_reach(h: LowerLevel, certificate: _Certificate, x: torch.Tensor) -> float:
+    """What a certificate evaluated at a float32 point can show near ``x`` (a point of the float32
+    grid): the bound (:func:`_bound_of`) of ``∇h(x + u) − ∇h(x) ≈ ∇²h u``, evaluated in float64,
+    with ``u`` uniform in ``[−s/2, s/2]`` per entry (``s`` the float32 spacing at ``x``, a fixed
+    seed), i.e. the response of the certificate to one rounding to the grid.
+
+    Why it is the floor: a float32 point ``x̃`` near ``x̂`` is off by the rounding ``ρ = x̃ − x̂`` of
+    ``x̂``, so its certificate evaluates ``∇h(x̃) ≈ ∇²h ρ``, which has this size even at the best
+    float32 point (on the default run ~3.3e-4 while ``‖ρ‖`` ≈ 5.6e-6: the TV curvature ``α/γ`` at
+    flat pixels amplifies the rounding, and the energy norm weighs it by ``1/μ`` where the blur
+    vanishes).  A hint for the schedule only (cached in :data:`_REACH_HINTS`)."""
+    h64 = certificate.h
+    key = _reach_key(h, certificate)
+    if key not in _REACH_HINTS:
+        spacing = torch.nextafter(x.abs(), torch.tensor(math.inf, dtype=x.dtype, device=x.device)) - x.abs()
+        gen = torch.Generator().manual_seed(0)
+        u = torch.rand(x.shape, generator=gen, dtype=torch.float64).to(h64.y.device) - 0.5
+        x64 = x.to(dtype=torch.float64, device=h64.y.device)
+        dg = h64.grad(x64 + u * spacing.to(dtype=torch.float64, device=h64.y.device)) - h64.grad(x64)
+        if len(_REACH_HINTS) >= 16:
+            _REACH_HINTS.clear()
+        _REACH_HINTS[key] = _bound_of(certificate, dg)
+    return _REACH_HINTS[key]
+
 
 def _accelerated_refined(h: LowerLevel, x0: torch.Tensor, max_iter: int, momentum: Callable[[int], float],
-                         certificate: _Certificate) -> LowerSolve:
+                         certificate: _Certificate, keep_float64: bool = False) -> LowerSolve:
     """The accelerated scheme of :func:`_accelerated` in a low precision (float32), with the
     iterate held as ``anchor + d`` and certified in float64; the remaining iterations switch to
-    float64 when float32 cannot reach ε.  The returned iterate is in the low precision.
+    float64 once float32 has done what it can.  The returned iterate is in the low precision,
+    or, with ``keep_float64`` (a float64 ``x0``, see :func:`solve_lower`), in float64 when the
+    float64 phase ran.
 
     * **Gradient.** ``∇h(anchor + d) = c + (B_bᵀB_b + μ₀)d + ∇R(x)`` (:meth:`LowerLevel.grad_from_anchor`),
       ``c`` the quadratic part at the anchor computed in float64, ``x = fl(anchor + d)``: its
       rounding error is ~1e-7 of ``‖d‖ + ‖c‖``, not of ``‖x‖``.
     * **Iterate.** The updates act on ``d`` (``d⁺ = d_y − ∇h/L``, momentum on ``d``), which is small,
       so steps far below the float32 spacing of ``x`` (≈ 3e-8 at 0.5) still accumulate.
-    * **Certificate** (when :class:`_Certificate` says it is due, at the cap, or on a stall): the
-      stored point ``x̃ = fl(anchor + d)`` is cast to float64 (exactly) and ``g = ∇h(x̃)`` is
-      evaluated there; the bound then holds for ``x̃`` as stored.  If it fails, the iteration is
-      refined: the anchor moves to ``x̃`` (its float64 quadratic part just computed), ``d`` to 0,
-      and the step uses the float64 ``g``.
-    * **Switch to float64.** At a failed check (one is forced at iteration :data:`_FLOOR_PROBE`) the float32 gradient ``g₃₂`` of the same point is
-      compared with the float64 one: ``e = g₃₂ − g``.  Near ``x̂`` the float32 iteration drives
-      ``g₃₂`` to ~0, so the exact gradient it can reach is ~``−e``; when the certificate's bound of
-      ``e`` exceeds ε/2 (or ``‖∇h‖`` has not halved over two stall windows of ``5√(L/μ)``
-      iterations) float32 cannot certify ε, and the remaining iterations run :func:`_accelerated`'s
-      recurrence in float64 from the checked point ``fl₃₂(anchor + d)`` cast to float64, where the
-      float64 gradient was just evaluated (momentum kept).  Measured on the
-      default run (3×256×256, μ ≈ 0.01): the float32 points stall at ``‖∇h‖`` ≈ 5e-6, whose energy
-      bound is ~2e-4, so ε below ~2e-4 was never certified before this switch.
-    * **Certificate of the float64 phase** (triangle inequality): with ``x₆₄`` the float64 iterate and
-      ``x̃ = fl(x₆₄)`` the returned one, ``‖x̃ − x̂‖ ≤ B(x₆₄) + ‖x̃ − x₆₄‖``, ``B`` the certificate's
-      bound (:class:`_Certificate`, valid for any float64 point) and the rounding distance computed
+    * **Certificate** (when :class:`_Certificate` says it is due for the phase's target, at the cap,
+      on a stall, or once at iteration :data:`_FLOOR_PROBE`): the stored point ``x̃ = fl(anchor + d)``
+      is cast to float64 (exactly) and ``g = ∇h(x̃)`` is evaluated there; the bound then holds for
+      ``x̃`` as stored.  If it fails, the iteration is refined: the anchor moves to ``x̃`` (its
+      float64 quadratic part just computed), ``d`` to 0, and the step uses the float64 ``g``.
+    * **Hand-over to float64** (a schedule, never a proof).  A float32 point cannot be certified
+      much below its *reach* ``r = r_round + r_grad``: ``r_round`` (:func:`_rounding_reach`) is the
+      certificate's response to one rounding to the float32 grid, and ``r_grad`` the bound of the
+      float32 gradient error ``g₃₂ − g`` at the last check (near ``x̂`` the float32 iteration drives
+      ``g₃₂`` to ~0, so the exact gradient it reaches is ~``−(g₃₂ − g)``).  So the float32 phase
+      aims at ``max(ε, 2r)`` (:data:`_REACH_FACTOR`) and, at a failed check whose bound is already
+      ``≤ 2r`` (or when ``‖∇h‖`` has not halved over two stall windows of ``5√(L/μ)`` iterations),
+      the remaining iterations run :func:`_accelerated`'s recurrence in float64 from the checked
+      point ``fl₃₂(anchor + d)`` cast to float64, where the float64 gradient was just evaluated
+      (momentum kept).  No float32 iterations are spent below the reach: on the default run the
+      float32 phase stalled for two windows (~220 iterations) at a bound of ~4.9e-4 before this
+      rule.  A float64 ``x0`` (``keep_float64``) already within ``2r_round`` of ``x̂`` by its own
+      certificate skips the float32 phase (its rounding would undo the accuracy).
+    * **Certificate of the float64 phase.** With ``keep_float64`` the float64 iterate ``x₆₄`` is
+      returned when ``B(x₆₄) ≤ ε`` (``B`` the certificate's bound, :class:`_Certificate`, valid for
+      any float64 point).  Otherwise the returned point is ``x̃ = fl(x₆₄)``, certified by the
+      triangle inequality ``‖x̃ − x̂‖ ≤ B(x₆₄) + ‖x̃ − x₆₄‖`` with the rounding distance computed
       exactly in float64.
-    * **Unreachable ε.** ``fl`` rounds each entry to the nearest float32 number, so ``x̃`` is the float32
-      point nearest to ``x₆₄`` and, the distance to the float32 grid ``G`` being 1-Lipschitz,
-      ``dist(x̂, G) ≥ ‖x̃ − x₆₄‖ − ‖x₆₄ − x̂‖ ≥ ‖x̃ − x₆₄‖ − B(x₆₄)``.  When this exceeds ε, *no*
-      float32 point lies within ε of ``x̂``: the solve stops uncertified (``converged=False``, finite
-      ``grad_norm``: MAID's ``'max_iter'``), counted in ``LOW_PRECISION_STATS['unreachable']``.
-      (The grid is ~``1.7e-8·sqrt(n)`` away for values in [0.5, 1): 7.6e-6 on 3×256×256.)
+    * **Unreachable ε** (float32 return only).  ``fl`` rounds each entry to the nearest float32
+      number, so ``x̃`` is the float32 point nearest to ``x₆₄`` and, the distance to the float32
+      grid ``G`` being 1-Lipschitz, ``dist(x̂, G) ≥ ‖x̃ − x₆₄‖ − ‖x₆₄ − x̂‖ ≥ ‖x̃ − x₆₄‖ − B(x₆₄)``.
+      When this exceeds ε, *no* float32 point lies within ε of ``x̂``: the solve stops uncertified
+      (``converged=False``, finite ``grad_norm``: MAID's ``'max_iter'``), counted in
+      ``LOW_PRECISION_STATS['unreachable']``.  (The grid is ~``1.7e-8·sqrt(n)`` away for values in
+      [0.5, 1): 7.6e-6 on 3×256×256.)  With ``keep_float64`` this cannot happen.
 
     ``grad_norm`` is always the float64 ``‖∇h(x̃)‖`` of the returned point.
     """
     h64 = certificate.h
+    eps = certificate.eps
     step = 1.0 / h.L
-    dtype, dev = x0.dtype, x0.device
+    dtype, dev = h.y.dtype, h.y.device
     LOW_PRECISION_STATS["solves"] += 1
 
     def up(t):
@@ -348,12 +406,30 @@ def _accelerated_refined(h: LowerLevel, x0: torch.Tensor, max_iter: int, momentu
         q64 = h64.quadratic_grad(up(x))
         return q64, h64.regulariser.add_grad_(q64.clone(), up(x))
 
-    anchor = x0
-    c = h64.quadratic_grad(up(x0)).to(dtype=dtype, device=dev)
-    d_prev = torch.zeros_like(x0)
+    start = x0.to(dtype=dtype, device=dev)
+    reach = _rounding_reach(h, certificate, start)
+    finish = dict(max_iter=max_iter, step=step, momentum=momentum, certificate=certificate, dtype=dtype, dev=dev,
+                  keep_float64=keep_float64)
+    if keep_float64 and eps < _REACH_FACTOR * reach:
+        x64 = up(x0)
+        g0 = h64.grad(x64)
+        gn0 = torch.linalg.vector_norm(g0).item()
+        if not math.isfinite(gn0):
+            return LowerSolve(x64, 0, gn0, False)
+        bound0 = certificate.bound(g0, gn0)
+        if bound0 <= eps or max_iter == 0:
+            return LowerSolve(x64, 0, gn0, bound0 <= eps)
+        if bound0 <= _REACH_FACTOR * reach:
+            LOW_PRECISION_STATS["float64_fallbacks"] += 1
+            return _float64_finish(h64, x64, x64, g0, 0, **finish)
+
+    anchor = start
+    c = h64.quadratic_grad(up(start)).to(dtype=dtype, device=dev)
+    d_prev = torch.zeros_like(start)
     d = d_prev
     window = _stall_window(h)
     evaluations0 = certificate.evaluations
+    grad_error = 0.0
     best, k_best, k_refined = math.inf, 0, -1
     for k in range(max_iter + 1):
         x = anchor + d
@@ -365,18 +441,23 @@ def _accelerated_refined(h: LowerLevel, x0: torch.Tensor, max_iter: int, momentu
             best, k_best = gn, k
         stalled = k - k_best >= window
         probe = k == _FLOOR_PROBE and k_refined < 0 and certificate.evaluations == evaluations0
-        if certificate.due(gn) or stalled or probe or k == max_iter:
+        handover = _REACH_FACTOR * (reach + grad_error)
+        if certificate.due(gn, max(eps, handover)) or stalled or probe or k == max_iter:
             q64, g64 = quadratic_and_grad(x)
             gn64 = torch.linalg.vector_norm(g64).item()
-            if certificate.bound(g64, gn) <= certificate.eps:
+            bound = certificate.bound(g64, gn)
+            if bound <= eps:
                 return LowerSolve(x, k, gn64, True)
             if k == max_iter or not math.isfinite(gn64):
                 return LowerSolve(x, k, gn64, False)
-            floor = _bound_of(certificate, up(g) - g64)
-            if floor > 0.5 * certificate.eps or (stalled and k_best <= k_refined):
+            grad_error = _bound_of(certificate, up(g) - g64)
+            reached = bound <= _REACH_FACTOR * (reach + grad_error)
+            if reached or (stalled and k_best <= k_refined):
+                if not reached:                     # float32 stalled above the predicted reach: learn it
+                    LOW_PRECISION_STATS["stalls"] += 1
+                    _REACH_HINTS[_reach_key(h, certificate)] = max(reach, bound / _REACH_FACTOR)
                 LOW_PRECISION_STATS["float64_fallbacks"] += 1
-                return _float64_finish(h64, up(x), up(anchor) + up(d_prev), g64, k, max_iter, step, momentum,
-                                       certificate, dtype, dev)
+                return _float64_finish(h64, up(x), up(anchor) + up(d_prev), g64, k, **finish)
             d_prev = d_prev - d                     # the previous iterate relative to the new anchor
             anchor, c, d = x, q64.to(dtype=dtype, device=dev), torch.zeros_like(d)
             g = g64.to(dtype=dtype, device=dev)
@@ -401,28 +482,33 @@ def _bound_of(certificate: _Certificate, v: torch.Tensor) -> float:
 
 def _float64_finish(h64: LowerLevel, y: torch.Tensor, x_prev: torch.Tensor, g: torch.Tensor, k0: int,
                     max_iter: int, step: float, momentum: Callable[[int], float], certificate: _Certificate,
-                    dtype: torch.dtype, dev) -> LowerSolve:
+                    dtype: torch.dtype, dev, keep_float64: bool = False) -> LowerSolve:
     """Iterations ``k0 … max_iter`` of the accelerated recurrence in float64 from the extrapolated
     point ``y`` (gradient ``g`` at ``y``, whose check at ``k0`` has just failed) and the previous
-    iterate ``x_prev``; the returned
-    point is ``fl(y)`` in ``dtype``, certified by the triangle inequality or declared unreachable
-    (see :func:`_accelerated_refined`)."""
+    iterate ``x_prev``.  Returns ``y`` itself (float64) with ``keep_float64``, certified by
+    ``B(y) ≤ ε``; otherwise ``fl(y)`` in ``dtype``, certified by the triangle inequality or declared
+    unreachable (see :func:`_accelerated_refined`)."""
     for k in range(k0, max_iter + 1):
         LOW_PRECISION_STATS["float64_iterations"] += int(k > k0)
         if k > k0:                                  # at k0 the caller's check of y has just failed
             g = h64.grad(y)
             gn = torch.linalg.vector_norm(g).item()
             if not math.isfinite(gn):
-                return LowerSolve(y.to(dtype=dtype, device=dev), k, gn, False)
+                return LowerSolve(y if keep_float64 else y.to(dtype=dtype, device=dev), k, gn, False)
         if k > k0 and (certificate.due(gn) or k == max_iter):
-            x_low = y.to(dtype=dtype)
-            rounding = torch.linalg.vector_norm(x_low.double() - y).item()
             bound = certificate.bound(g, gn)
-            unreachable = rounding - bound > certificate.eps
-            if bound + rounding <= certificate.eps or unreachable or k == max_iter:
-                LOW_PRECISION_STATS["unreachable"] += int(unreachable)
-                gn_low = torch.linalg.vector_norm(h64.grad(x_low.double())).item()
-                return LowerSolve(x_low.to(device=dev), k, gn_low, bound + rounding <= certificate.eps)
+            if keep_float64:
+                if bound <= certificate.eps or k == max_iter:
+                    LOW_PRECISION_STATS["float64_returns"] += 1
+                    return LowerSolve(y, k, gn, bound <= certificate.eps)
+            else:
+                x_low = y.to(dtype=dtype)
+                rounding = torch.linalg.vector_norm(x_low.double() - y).item()
+                unreachable = rounding - bound > certificate.eps
+                if bound + rounding <= certificate.eps or unreachable or k == max_iter:
+                    LOW_PRECISION_STATS["unreachable"] += int(unreachable)
+                    gn_low = torch.linalg.vector_norm(h64.grad(x_low.double())).item()
+                    return LowerSolve(x_low.to(device=dev), k, gn_low, bound + rounding <= certificate.eps)
         x = torch.add(y, g, alpha=-step)
         y = torch.lerp(x_prev, x, 1.0 + momentum(k))
         x_prev = x
@@ -501,13 +587,23 @@ def solve_lower(h: LowerLevel, x0: torch.Tensor, eps: float, max_iter: int, solv
     with unnormalised filters) keeps a floor of ~1e-7 of their size; below it the solve switches to
     float64 at a second stall (before the switch existed: FoE 2×3×3 filters, ``L/μ`` = 8e4,
     ε = 1e-4: float64 certified in 4005 iterations, float32 stopped uncertified after 20689).
+
+    The precision is ``h``'s (a float64 ``h`` casts ``x0`` to float64).  **Mixed** (a float32 ``h``
+    and a float64 ``x0``, what :class:`mixed_precision.MixedPrecisionProblem` asks for): the same
+    float32 iterations, but once float32 cannot certify ε (ε below the reach of float32 points,
+    :func:`_accelerated_refined`) the float64 iterate itself is returned, certified by
+    ``B(x₆₄) ≤ ε``; the returned ``x`` is float32 when a float32 point was certified and float64
+    otherwise.  So every ε is certifiable, also below the float32 grid distance.
     """
     _check_solver(solver)
     if certificate not in CERTIFICATES:
         raise ValueError(f"unknown certificate {certificate!r}; use one of {', '.join(CERTIFICATES)}")
     if not (math.isfinite(h.L) and math.isfinite(h.mu)):      # kernel too large for the dtype
         return LowerSolve(torch.full_like(x0, math.nan), 0, math.inf, False)
-    low = _is_low_precision(x0.dtype)
+    low = _is_low_precision(h.y.dtype)
+    keep_float64 = low and x0.dtype == torch.float64
+    if not low:
+        x0 = x0.to(dtype=h.y.dtype)
     kind = ("energy" if low else "gradient") if certificate == "auto" else certificate
     with torch.no_grad():
         if not low and kind == "gradient":
@@ -516,7 +612,7 @@ def solve_lower(h: LowerLevel, x0: torch.Tensor, eps: float, max_iter: int, solv
         cert = _Certificate(h.float64_twin() if low else h, eps, kind)
         try:
             if low:
-                return _accelerated_refined(h, x0, max_iter, momentum, cert)
+                return _accelerated_refined(h, x0, max_iter, momentum, cert, keep_float64)
             return _accelerated(h.grad, x0, 1.0 / h.L, math.nan, max_iter, momentum, cert)
         finally:
             h.certificate_evaluations += cert.evaluations
