@@ -146,6 +146,32 @@ def test_terms_against_dense_newton_step_and_dense_jacobian():
     assert t["omega"] == min(t["omega_local"], t["shift"] + t["omega_reference"])
     assert p.refined_error_bound(x, b, q, 1e-13, 1e-13) == t["omega"]
     assert t["newton_iterations"] > 0 and t["adjoint_iterations"] > 0
+    two = p.refined_error_terms(x, b, q, newton_rtol=1e-13, adjoint_rtol=1e-13, newton_steps=2)
+    d3 = _Dense(p, b, x_ref, q)
+    x_two = x_ref - torch.linalg.solve(d3.H, h.grad(x_ref).reshape(-1)).reshape(C, H, W)
+    assert _nrm(two["x_reference"] - x_two) <= 1e-9 * _nrm(x_two)
+    assert two["newton_iterations"] > t["newton_iterations"]
+
+
+def test_cg_tolerances_are_relative_to_the_initial_residuals():
+    """Default tolerances: the Newton CG stops at ``newton_rtol·‖∇h(x̃)‖`` and the adjoint CG, warm-started
+    at q̃, at ``adjoint_rtol·‖∇ₓg(x') − ∇²h(x')q̃‖`` — the same iterates and counts as
+    :func:`maid.conjugate_gradient` called with those absolute tolerances."""
+    p, b, y = _problem("known")
+    x, q = _point(p, b, y)
+    h = p.lower(b)
+    for rtol in (1e-2, 1e-5):
+        t = p.refined_error_terms(x, b, q, newton_rtol=rtol, adjoint_rtol=rtol)
+        g = h.grad(x)
+        d, it, ok = conjugate_gradient(lambda v: h.hvp(x, v), g, None, rtol * _nrm(g), 1000)
+        assert ok and it == t["newton_iterations"]
+        assert torch.equal(t["x_reference"], x - d)
+        xr = t["x_reference"]
+        gx = p.upper_grad_x(xr, b)
+        r0 = _nrm(gx - h.hvp(xr, q))
+        qr, it, ok = conjugate_gradient(lambda v: h.hvp(xr, v), gx, q, rtol * r0, 1000)
+        assert ok and it == t["adjoint_iterations"] and torch.equal(qr, t["q_reference"])
+        assert _nrm(gx - h.hvp(xr, qr)) <= 1.01 * rtol * r0
 
 
 def test_each_term_bounds_what_it_stands_for_where_it_dominates():
@@ -178,6 +204,9 @@ def test_bad_tolerances_and_zero_mu():
             p.refined_error_terms(x, b, q, newton_rtol=bad)
         with pytest.raises(ValueError, match="adjoint_rtol"):
             p.refined_error_terms(x, b, q, adjoint_rtol=bad)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="newton_steps"):
+            p.refined_error_terms(x, b, q, newton_steps=bad)
     zero = torch.zeros(C, 1, K, K, dtype=torch.float64)
     zero[:, 0, 1, 0] = zero[:, 0, 1, 1] = 0.5           # b̂ = 0 at the Nyquist column (W even), μ₀ = 0
     p0 = ADPBetaProblem(y, zero, SmoothedTV(0.05, 0.05), 0.1, mu0=0.0)
