@@ -80,7 +80,7 @@ baseline_lipschitz_factor = 1.0  # N > 0 only: step 1/L̃, L̃ = 10 power iterat
 # output and machine
 results_dir = "Results"    # a new folder is made inside for every run
 device = "auto"            # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
-dtype = "float64"          # float64 | float32: float32 lower solves, CG and FFTs while ε is above what float32 points can certify; a solve below that finishes in float64 and returns its float64 iterate, whose hypergradient runs in float64 (mixed_precision.py); every solve certified (on mps: float32 only, ε below ~1.7e-8·√n uncertified)
+dtype = "float64"          # float64 | float32: float32 steps, FFTs and CG; a solve whose ε no float32 point can certify (below ~3e-4 by default) ends with a float64 iterate (float32 steps, float64 certificate) and its hypergradient runs in float64 (mixed_precision.py): every solve certified (on mps, no float64: ε below ~1.7e-8·√n stays uncertified)
 resume = ""                # path to a checkpoint.pt (or its run folder) to continue an interrupted run
 progress = True            # tqdm progress bar and the printed summary table
 # ------------------------------------------------------------------------------------------

@@ -341,8 +341,9 @@ def _rounding_reach(h: LowerLevel, certificate: _Certificate, x: torch.Tensor, e
     3×32×32 blocks, 1.4e-5 at ``y`` against a float32 stall at 4.9e-5)."""
     h64 = certificate.h
     key = _reach_key(h, certificate)
-    spacing = torch.nextafter(x.abs(), torch.tensor(math.inf, dtype=x.dtype, device=x.device)) - x.abs()
     if key not in _REACH_HINTS:
+        xa = x.to(device=h64.y.device).abs()      # the float64 twin's device (the CPU for MPS data)
+        spacing = torch.nextafter(xa, torch.tensor(math.inf, dtype=x.dtype, device=xa.device)) - xa
         cap = h.L * torch.linalg.vector_norm(spacing.double()).item() / (2 * h.mu) if h.mu > 0 else math.inf
         if eps >= _REACH_FACTOR * cap:
             return cap
@@ -379,16 +380,24 @@ def _accelerated_refined(h: LowerLevel, x0: torch.Tensor, max_iter: int, momentu
       certificate's response to one rounding to the float32 grid, and ``r_grad`` the bound of the
       float32 gradient error ``g₃₂ − g`` at the last check (near ``x̂`` the float32 iteration drives
       ``g₃₂`` to ~0, so the exact gradient it reaches is ~``−(g₃₂ − g)``).  So the float32 phase
-      aims at ``max(ε, 2r)`` (:data:`_REACH_FACTOR`) and, at a failed check whose bound is already
-      ``≤ 2r`` (or when ``‖∇h‖`` has not halved over two stall windows of ``5√(L/μ)`` iterations),
-      the remaining iterations run :func:`_accelerated`'s recurrence in float64 from the checked
-      point ``fl₃₂(anchor + d)`` cast to float64, where the float64 gradient was just evaluated
-      (momentum kept).  No float32 iterations are spent below the reach: on the default run the
-      float32 phase stalled for two windows (~220 iterations) at a bound of ~4.9e-4 before this
-      rule.  A float64 ``x0`` (``keep_float64``) already within ``2r_round`` of ``x̂`` by its own
-      certificate skips the float32 phase (its rounding would undo the accuracy).
-    * **Certificate of the float64 phase.** With ``keep_float64`` the float64 iterate ``x₆₄`` is
-      returned when ``B(x₆₄) ≤ ε`` (``B`` the certificate's bound, :class:`_Certificate`, valid for
+      aims at ``max(ε, 2r)`` (:data:`_REACH_FACTOR`) and hands over at a failed check whose bound
+      is ``≤ 2r``, or ``≤ 4r`` and above 0.7× the previous check's (a plateau: near the reach the
+      float32 ``‖∇h‖`` stops falling, so such checks are made every quarter stall window), or when
+      ``‖∇h‖`` has not halved over two stall windows of ``5√(L/μ)`` iterations (then the cached
+      reach is raised to half the bound met: the next solves hand over there at once).  The
+      remaining iterations run :func:`_accelerated`'s recurrence with a float64 iterate
+      (:func:`_float64_finish`) from the checked point ``fl₃₂(anchor + d)`` cast to float64, where
+      the float64 gradient was just evaluated (momentum kept).  No float32 iterations are spent at
+      the reach: on the default run the float32 phase stalled for two windows (~220 iterations) at
+      a bound of ~4.9e-4 before this rule.  A float64 ``x0`` (``keep_float64``) already within
+      ``2r_round`` of ``x̂`` by its own certificate skips the float32 phase (its rounding would undo
+      the accuracy).
+    * **Float64 phase.** Its iterate is float64 but its steps are float32: a float64 anchor plus a
+      float32 displacement, stepped with the linearised gradient ``∇h(a) + ∇²h(a)d`` (float32
+      Hessian-vector products), re-anchored with an exact float64 gradient at every check
+      (:func:`_float64_finish`).
+    * **Certificate of the float64 phase** (at anchors, with their exact float64 gradients). With
+      ``keep_float64`` the float64 iterate ``x₆₄`` is returned when ``B(x₆₄) ≤ ε`` (``B`` the certificate's bound, :class:`_Certificate`, valid for
       any float64 point).  Otherwise the returned point is ``x̃ = fl(x₆₄)``, certified by the
       triangle inequality ``‖x̃ − x̂‖ ≤ B(x₆₄) + ‖x̃ − x₆₄‖`` with the rounding distance computed
       exactly in float64.

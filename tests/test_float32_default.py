@@ -17,9 +17,9 @@ from operators import Blur, motion_kernel
 from regularisers import SmoothedTV
 
 
-def _blocks_problem(n=32, seed=0):
-    """3×n×n: six random constant blocks on 0.3, blurred by 0.99 × a 5×5 motion kernel, noise 0.02;
-    the float32 ``h``, its exact float64 copy and the reference ``x̂`` of the latter."""
+def blocks_data(n=32, seed=0):
+    """3×n×n: six random constant blocks on 0.3, blurred by 0.99 × a 5×5 motion kernel, noise 0.02,
+    as float32 ``(b, y)`` (exact float64 copies are the references)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.full((3, n, n), 0.3, dtype=torch.float64)
     for _ in range(6):
@@ -27,7 +27,12 @@ def _blocks_problem(n=32, seed=0):
         x[:, i:i + w // 2 + 4, j:j + w // 2 + 4] += 0.4 * torch.rand(3, 1, 1, generator=g, dtype=torch.float64)
     b = 0.99 * motion_kernel(5, channels=3, dtype=torch.float64)
     y = Blur(b, (n, n)).A(x) + 0.02 * torch.randn(3, n, n, generator=g, dtype=torch.float64)
-    b, y = b.float(), y.float()                 # the float32 problem; its exact float64 copy is the reference
+    return b.float(), y.float()
+
+
+def _blocks_problem(n=32, seed=0):
+    """:func:`blocks_data`'s float32 ``h``, its exact float64 copy and the reference ``x̂`` of the latter."""
+    b, y = blocks_data(n, seed)
     h32 = LowerLevel(b, y, SmoothedTV(0.005, 0.01), 1e-2)
     h64 = LowerLevel(b.double(), y.double(), SmoothedTV(0.005, 0.01), 1e-2)
     x_hat = solve_lower(h64, y.double(), 1e-11, 200000).x
