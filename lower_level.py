@@ -541,7 +541,7 @@ def _float64_finish(h: LowerLevel, h64: LowerLevel, y: torch.Tensor, x_prev: tor
         if k > k0:                                  # at k0 the caller's check of y has just failed
             g_step = h.hvp(a_low, d_y).add_(g_anchor)
             gn = torch.linalg.vector_norm(g_step).item()
-            due = math.isfinite(gn) and (certificate.due(gn) or k == max_iter)
+            due = (math.isfinite(gn) and certificate.due(gn)) or k == max_iter
             if due or k - k_anchor >= period or not math.isfinite(gn):
                 anchor = anchor + up(d_y)           # re-anchor at y: its exact float64 gradient
                 g = h64.grad(anchor)
@@ -650,9 +650,9 @@ def solve_lower(h: LowerLevel, x0: torch.Tensor, eps: float, max_iter: int, solv
     ``h.certificate_evaluations`` counts the float64 checks (not counted as iterations).
     Limit: the refinement removes the rounding floor of the quadratic part only; a regulariser
     whose gradient is a sum of large cancelling terms near ``x̂`` (e.g. a Fields of Experts prior
-    with unnormalised filters) keeps a floor of ~1e-7 of their size; below it the solve switches to
-    float64 at a second stall (before the switch existed: FoE 2×3×3 filters, ``L/μ`` = 8e4,
-    ε = 1e-4: float64 certified in 4005 iterations, float32 stopped uncertified after 20689).
+    with unnormalised filters) keeps a floor of ~1e-7 of their size; below it the solve hands over
+    to its float64 phase (before the switch existed: FoE 2×3×3 filters, ``L/μ`` = 8e4, ε = 1e-4:
+    float64 certified in 4005 iterations, float32 stopped uncertified after 20689).
 
     The precision is ``h``'s (a float64 ``h`` casts ``x0`` to float64).  **Mixed** (a float32 ``h``
     and a float64 ``x0``, what :class:`mixed_precision.MixedPrecisionProblem` asks for): the same
