@@ -147,3 +147,21 @@ def test_windowed_variance_refresh_cancels_drift_over_ten_thousand_float32_itera
             worst = max(worst, abs(det.value - ref) / ref)
     assert worst <= 1e-12
     assert calls == list(range(2 * W, K + 1, W))
+
+
+def test_accumulators_stay_float64_under_a_float32_default():
+    """DIP runs with the package's float32 default dtype: the window's mean and M₂ must still be
+    accumulated in float64 (module docstring), so VAR equals the float64 two-pass variance of the
+    float32 iterates to 1e-12 relative (float32 accumulators would be off by ~1e-7)."""
+    torch.set_default_dtype(torch.float32)
+    try:
+        det = WindowedVariance(window=4, patience=100)
+        xs = [(3.0 + 1e-2 * rand(6, 5, seed=k)).to(torch.float32) for k in range(7)]
+        for x in xs:
+            det.update(x)
+        assert det._mean.dtype == torch.float64
+    finally:
+        torch.set_default_dtype(torch.float64)
+    w = torch.stack([v.double() for v in xs[-4:]])
+    ref = ((w - w.mean(0)) ** 2).sum().item() / (4 * xs[0].numel())
+    assert det.value == pytest.approx(ref, rel=1e-12)
