@@ -92,6 +92,7 @@ def test_make_detector_builds_the_named_rule_with_its_settings():
     with pytest.raises(ValueError, match="window must be an integer ≥ 2, got 1"):
         WindowedVariance(1, 3)
     assert math.isinf(WindowedVariance(3, 3).min_value) and WindowedVariance(3, 3).best() == (None, None)
+    assert WindowedVariance(3, 3).value is None and ExponentialVariance().value is None   # undefined before x₁
 
 
 def test_ties_keep_the_earlier_iterate():
