@@ -129,6 +129,40 @@ def test_every_field_of_the_step_record():
     assert len(s.order) == 1 and sorted(s.order + second_epoch) == list(range(7))
 
 
+class Penalised(Recording):
+    """The recording shift problem with a penalty on θ in the upper level: g = (1/B) Σ ½‖x_i − t_i‖²
+    + ½ρ‖θ‖², so ∇_θg = ρθ and z = mean_S(θ + a − t) + ρθ."""
+
+    rho = 0.7
+
+    def subset(self, idx):
+        sub = Penalised(self.a[idx], self.t[idx], self.log)
+        sub.idx = list(idx)
+        return sub
+
+    def upper_loss(self, x, theta):
+        return super().upper_loss(x, theta) + 0.5 * self.rho * (theta * theta).sum()
+
+    def upper_grad_theta(self, x, theta):
+        return self.rho * theta
+
+
+def test_loss_and_step_use_the_direct_theta_dependence_of_g():
+    """With g depending on θ directly, the record's ``batch_loss`` is g(x̃, θ_k) with its ½ρ‖θ_k‖² term
+    and the step uses z = ∂_θg − Jᵀq = mean_S(θ + a − t) + ρθ (reference: the recursion by hand)."""
+    P = Penalised(rand(7, 3, seed=1), rand(7, 3, seed=2))
+    theta0 = rand(3, seed=3)
+    res = isgd(P, theta0, torch.zeros(7, 3), _cfg(max_steps=3))
+    theta = theta0.clone()
+    for k, (r, lo) in enumerate(zip(res.log, P.log["lower"])):
+        idx = lo["idx"]
+        x = theta + P.a[idx]
+        g = 0.5 * ((x - P.t[idx]) ** 2).sum().item() / len(idx) + 0.5 * 0.7 * (theta * theta).sum().item()
+        assert r["batch_loss"] == pytest.approx(g, rel=1e-14)
+        theta = theta - 0.5 * (k + 1) ** -0.6 * ((x - P.t[idx]).mean(0) + 0.7 * theta)
+    torch.testing.assert_close(res.theta, theta, rtol=1e-14, atol=1e-15)
+
+
 def test_cap_hits_are_counted_and_the_step_still_taken():
     """A lower solve that hits its cap (status 'max_iter', finite) and an adjoint solve that does
     not converge are counted (``lower_cap_hits``, ``cg_cap_hits``), and the step is taken anyway."""
@@ -200,8 +234,9 @@ def test_stop_reasons_at_the_end_of_the_loop_and_callback():
     assert runs[38].state.computations == 38
     assert [runs[b].stop_reason for b in (38, 39, 0)] == ["budget", "max_steps", "max_steps"]
     assert all(r.state.k == 4 for r in runs.values())
-    early = isgd(_rec(), torch.zeros(3), torch.zeros(7, 3), _cfg(max_steps=4, budget=12))
-    assert early.stop_reason == "budget" and early.state.k == 2 and early.state.computations == 22
+    for budget in (12, 22):             # 22: reached exactly after step 2 ("reach the budget" is ≥)
+        early = isgd(_rec(), torch.zeros(3), torch.zeros(7, 3), _cfg(max_steps=4, budget=budget))
+        assert early.stop_reason == "budget" and early.state.k == 2 and early.state.computations == 22
     res = isgd(_rec(), torch.zeros(3), torch.zeros(7, 3), _cfg(max_steps=4), callback=lambda r, s: r["iter"] == 2)
     assert res.stop_reason == "callback" and res.state.k == 2
     res = isgd(_rec(), torch.zeros(3), torch.zeros(7, 3), _cfg(max_steps=3), callback=lambda r, s: None)
