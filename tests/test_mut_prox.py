@@ -147,7 +147,8 @@ def test_combined_prox_first_two_iterations_are_projected_gradient_steps_on_the_
 
 def test_combined_prox_at_step_times_beta_one_is_not_the_plain_projection():
     """step·β = 1 exactly (β = 1, step 1): the H¹ term is active, so the prox objective
-    ½‖b − v‖² + r(b) at the returned b (300 iterations at most: see the next test) is below its value
+    ½‖b − v‖² + r(b) at the returned b (capped at 300 iterations: at β = 1 the gap certificate is not reached, see the report of
+    issue 16's mutation run) is below its value
     at the plain projection P_Δ(v) by far more than its accuracy, and below every nearby feasible point
     tried (to 1e-9)."""
     b0 = _uniform()
@@ -159,14 +160,3 @@ def test_combined_prox_at_step_times_beta_one_is_not_the_plain_projection():
     for s in range(10):
         assert obj(b) <= obj(project_simplex(b + 0.05 * rand(*b.shape, seed=200 + s))) + 1e-9
 
-
-@pytest.mark.xfail(strict=True, reason="reported bug: the duality gap P − D is computed as a difference of two "
-                   "O(0.1) values, so it rounds to ~1e-16 and never reaches ½tol² = 5e-21 unless it rounds to ≤ 0")
-def test_combined_prox_certificate_is_reachable_in_float64():
-    """The default certificate (gap ≤ ½tol², tol = 1e-10) is met within 2000 iterations at β = 1, as at
-    β = 0.2 (about 100 iterations).  Fails today: the computed gap stalls at 1.1e-16 (one ulp of the
-    objective) and the solve runs to its cap (20000 iterations by default)."""
-    b0 = _uniform()
-    P = SimplexH1Penalty(1.0, b0, max_iter=2000)
-    P.prox(b0 + 0.3 * rand(2, 1, 3, 3, seed=9), 1.0)
-    assert P.last_gap <= 0.5 * P.tol**2
