@@ -31,7 +31,7 @@ Error-bound constants (SPEC §3; closed form, circular boundaries, all documente
 * ``L_{H⁻¹} = L_H/μ²`` with ``L_H = R.hessian_lipschitz()`` (the Hessian of ``h`` in ``x`` varies
   only through ``R``; for ``SmoothedTV`` ``48√8 α/γ²``, derived in its docstring).  These
   worst-case bounds are loose for images (ω ≫ ‖z‖); the 2D driver logs ω but does not tighten
-  on it (see README).
+  on it (see README).  The a-posteriori bounds below (items 1–8) are the informative ones.
 * direct partial (only ``A_up = B_b``; 0 for the known operator, whose ``∂_b g`` is the H¹ term
   alone): ``L_{θx} = (2/n)(‖C_r‖ + ‖B_b‖ ‖C_x‖)`` (= (2/n) × the ``‖J‖`` bound) and
   ``L'_{θx} = (4/n) k ‖B_b‖``, so that ``‖∂_b g(x̃) − ∂_b g(x̂)‖ ≤ L_{θx} ε + ½L'_{θx} ε²``.
@@ -121,8 +121,11 @@ arithmetic (evaluate in float64).  Cost: two gradients/HVPs, three FFTs, three 2
    ``min(ω(x̃, q̃), ω_ref)``: both are bounds.  No property of ``d`` or ``q'`` is assumed (a poor
    Newton step only loosens the bound).  Cost: the ``newton_steps + 1`` CG solves (their iterations
    are returned; they are work on the cost axis) and items 1–7 twice.  Measured
-   (``benchmarks/bench_omega.py``, random 3×24×24, 36 points): ``ω_ref/‖z − ∇f‖`` median 3.0, max 10
-   with one Newton step (76 CG iterations, median), 1.02 and 1.04 with two (118); the local ω: 3.7e3.
+   (``benchmarks/bench_omega.py``, defaults ``newton_rtol = adjoint_rtol = 1e-3``, one step):
+   ``ω_ref/‖z − ∇f‖`` on the default run's 37 iterates median 1.06, max 1.48 (local ω: 137, 2.4e3),
+   88 CG iterations per call; random 3×24×24 (36 points) median 3.0, max 10 (local ω: 3.7e3), 1.02
+   and 1.04 with two Newton steps.  Looser tolerances are cheaper and looser: ``1e-2/1e-2`` random
+   median 20, max 58; ``1e-1/1e-2`` random median 196 (default run 2.9, 43 CG iterations).
 """
 from __future__ import annotations
 
