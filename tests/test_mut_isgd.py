@@ -206,6 +206,8 @@ def test_a_non_finite_step_stops_and_leaves_the_state_unchanged(where):
     assert torch.equal(res.state.q, two.state.q) and res.state.order == two.state.order
     extra = 5 if where == "lower" else 3 * len(P.log["lower"][2]["idx"])
     assert res.state.lower_iters == two.state.lower_iters + extra
+    if where == "lower":                  # no adjoint solve after a failed lower solve: no CG work wasted
+        assert len(P.log["adjoint"]) == 2 and res.state.cg_iters == two.state.cg_iters
     assert res.state.lower_cap_hits == 0
 
 
@@ -239,8 +241,14 @@ def test_stop_reasons_at_the_end_of_the_loop_and_callback():
         assert early.stop_reason == "budget" and early.state.k == 2 and early.state.computations == 22
     res = isgd(_rec(), torch.zeros(3), torch.zeros(7, 3), _cfg(max_steps=4), callback=lambda r, s: r["iter"] == 2)
     assert res.stop_reason == "callback" and res.state.k == 2
-    res = isgd(_rec(), torch.zeros(3), torch.zeros(7, 3), _cfg(max_steps=3), callback=lambda r, s: None)
+    seen = []
+
+    def watch(r, s):                      # the callback sees the live state after the step
+        seen.append((r["iter"], s.k, s.theta.clone(), s.computations == r["computations"]))
+    res = isgd(_rec(), torch.zeros(3), torch.zeros(7, 3), _cfg(max_steps=3), callback=watch)
     assert res.stop_reason == "max_steps" and res.state.k == 3
+    assert [(i, k, same) for i, k, _, same in seen] == [(1, 1, True), (2, 2, True), (3, 3, True)]
+    torch.testing.assert_close(seen[-1][2], res.theta, rtol=0, atol=0)
 
 
 def test_callback_time_is_not_counted():
