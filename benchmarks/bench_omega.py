@@ -16,8 +16,12 @@ actual value of every quantity a term of ω bounds:
 * ``adjoint`` against ``‖J̃ᵀ(q̃ − q̂)‖``, ``mixed`` against ``‖(J̃ − Ĵ)ᵀq̂‖``, ``direct`` against
   ``‖∂_b g(x̃) − ∂_b g(x̂)‖`` and ``omega`` against ``‖z − ∇f‖``.
 
-Printed per term: median, min and max of bound/actual over the iterates; then ω/‖z − ∇f‖ and ω/‖z‖.
-Last line: ``omega_over_true_error_median=<m> max=<M> omega_over_z_median=<r>`` (default run).
+* ``omega_refined`` (item 8, ``refined_error_terms`` at its default tolerances) against ``‖z − ∇f‖``.
+
+Printed per term: median, min and max of bound/actual over the iterates; then ω/‖z − ∇f‖ and ω/‖z‖
+for the local and the refined bound, and the refined bound's CG iterations.  Every row asserts
+that both bounds hold.  Last line (default run, refined bound):
+``omega_over_true_error_median=<m> max=<M> omega_over_z_median=<r>``.
 """
 from __future__ import annotations
 
