@@ -97,7 +97,10 @@ class MixedPrecisionProblem:
         return res
 
     def initial_x(self, theta):
-        return self.low.initial_x(theta)
+        init = getattr(self.low, "initial_x", None)
+        if init is None:
+            raise ValueError("maid: give x0 (the lower level's starting point) or a low problem with initial_x(theta)")
+        return init(theta)
 
     # -- products at the iterate's precision ---------------------------------------------------
     def hessian_vp(self, x, theta, v):

@@ -323,3 +323,14 @@ def test_driver_float32_certifies_every_solve_and_matches_float64(tmp_path):
     more = ADP.run(resume=os.path.join(s32["run_dir"], "checkpoint.pt"), upper_iter=15,
                    results_dir=str(tmp_path / "resumed"), progress=False)
     assert more["uncertified_solves"] == 0 and more["promoted_solves"] >= s32["promoted_solves"]
+
+
+def test_initial_x_comes_from_the_low_problem_or_is_asked_for():
+    """``maid`` without ``x0`` takes the low problem's ``initial_x`` (in the low dtype); a low problem
+    without one gives maid's own one-line request for ``x0``."""
+    low, high, theta, y = _problems()
+    low.initial_x = lambda t: y.clone()
+    assert torch.equal(MixedPrecisionProblem(low, high).initial_x(theta), y)
+    del low.initial_x
+    with pytest.raises(ValueError, match="give x0"):
+        maid.maid(MixedPrecisionProblem(low, high), theta.clone(), None, maid.MAIDConfig(max_iter=1))
