@@ -41,6 +41,7 @@ implicit differentiation).
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable
 
 import torch
@@ -310,8 +311,8 @@ iterates stall at a bound of 4.9e-4 ≈ 1.5 × reach; a hand-over at 6e-4 (≈ 1
 float64 iterations at ε = 5.8e-5, one at 1e-3 (3×) 38 + 48, float64 alone 93."""
 
 _REACH_HINTS: dict = {}
-"""Cache of :func:`_rounding_reach`, keyed by the data tensor ``y`` (identity, version, shape, dtype),
-``μ₀`` and the certificate kind (:func:`_reach_key`): the reach depends on the grid and on ``∇²h``
+"""Cache of :func:`_rounding_reach`, keyed by the data tensor ``y`` (identity, checked through a weak
+reference, version, shape, dtype), ``μ₀`` and the certificate kind (:func:`_reach_key`): the reach depends on the grid and on ``∇²h``
 near the solution, which change little from one kernel to the next, so one evaluation serves the
 solves of a run.  A float32 phase that stalls at a bound ``B`` above ``2 × reach`` raises the entry
 to ``B/2`` (the history of the previous solves: the next solves hand over at ``B`` at once).  It
@@ -320,6 +321,19 @@ only schedules the hand-over to float64; no certificate depends on it."""
 
 def _reach_key(h: LowerLevel, certificate: _Certificate) -> tuple:
     return (id(h.y), h.y._version, tuple(h.y.shape), h.y.dtype, h.mu0, certificate.kind)
+
+
+def _cached_reach(h: LowerLevel, certificate: _Certificate) -> float | None:
+    """The cached reach for ``h``'s data, or None (an entry whose ``y`` is gone, or another tensor
+    at the same address, does not count)."""
+    entry = _REACH_HINTS.get(_reach_key(h, certificate))
+    return entry[1] if entry is not None and entry[0]() is h.y else None
+
+
+def _cache_reach(h: LowerLevel, certificate: _Certificate, reach: float) -> None:
+    if len(_REACH_HINTS) >= 16:
+        _REACH_HINTS.clear()
+    _REACH_HINTS[_reach_key(h, certificate)] = (weakref.ref(h.y), reach)
 
 
 def _rounding_reach(h: LowerLevel, certificate: _Certificate, x: torch.Tensor, eps: float = 0.0) -> float:
@@ -340,8 +354,8 @@ def _rounding_reach(h: LowerLevel, certificate: _Certificate, x: torch.Tensor, e
     typically a warm start near ``x̂`` (at a noisy ``y`` the TV curvature, hence the reach, is lower:
     3×32×32 blocks, 1.4e-5 at ``y`` against a float32 stall at 4.9e-5)."""
     h64 = certificate.h
-    key = _reach_key(h, certificate)
-    if key not in _REACH_HINTS:
+    reach = _cached_reach(h, certificate)
+    if reach is None:
         xa = x.to(device=h64.y.device).abs()      # the float64 twin's device (the CPU for MPS data)
         spacing = torch.nextafter(xa, torch.tensor(math.inf, dtype=x.dtype, device=xa.device)) - xa
         cap = h.L * torch.linalg.vector_norm(spacing.double()).item() / (2 * h.mu) if h.mu > 0 else math.inf
@@ -351,10 +365,9 @@ def _rounding_reach(h: LowerLevel, certificate: _Certificate, x: torch.Tensor, e
         u = torch.rand(x.shape, generator=gen, dtype=torch.float64).to(h64.y.device) - 0.5
         x64 = x.to(dtype=torch.float64, device=h64.y.device)
         dg = h64.grad(x64 + u * spacing.to(dtype=torch.float64, device=h64.y.device)) - h64.grad(x64)
-        if len(_REACH_HINTS) >= 16:
-            _REACH_HINTS.clear()
-        _REACH_HINTS[key] = _bound_of(certificate, dg)
-    return _REACH_HINTS[key]
+        reach = _bound_of(certificate, dg)
+        _cache_reach(h, certificate, reach)
+    return reach
 
 
 def _accelerated_refined(h: LowerLevel, x0: torch.Tensor, max_iter: int, momentum: Callable[[int], float],
@@ -478,7 +491,7 @@ def _accelerated_refined(h: LowerLevel, x0: torch.Tensor, max_iter: int, momentu
             if reached or (stalled and k_best <= k_refined):
                 if not reached:                     # float32 stalled above the predicted reach: learn it
                     LOW_PRECISION_STATS["stalls"] += 1
-                    _REACH_HINTS[_reach_key(h, certificate)] = max(reach, bound / _REACH_FACTOR)
+                    _cache_reach(h, certificate, max(reach, bound / _REACH_FACTOR))
                 LOW_PRECISION_STATS["float64_fallbacks"] += 1
                 return _float64_finish(h, h64, up(x), up(anchor) + up(d_prev), g64, k, **finish)
             d_prev = d_prev - d                     # the previous iterate relative to the new anchor
