@@ -23,3 +23,9 @@ def test_kernel_builders_use_the_requested_device(build):
     """The three builders themselves (not only through ``make_kernel``) honour ``device``."""
     b = build(dtype=torch.float32, device="meta")
     assert b.device.type == "meta" and b.dtype == torch.float32 and tuple(b.shape) == (3, 1, 5, 5)
+
+
+def test_unknown_motion_direction_names_the_choices():
+    """Bad input: one line naming the value and the valid directions."""
+    with pytest.raises(ValueError, match="unknown motion direction 'spiral'; use diagonal, vertical or horizontal"):
+        motion_kernel(5, "spiral")
