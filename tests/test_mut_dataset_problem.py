@@ -117,6 +117,18 @@ def test_parametrisation_blocks_kernel_and_copies():
         make_parametrisation("bad", 1)
 
 
+@pytest.mark.parametrize("kind", ["tv", "foe"])
+def test_parametrisation_keeps_the_requested_dtype(kind):
+    """``dtype=float32`` gives a float32 θ (every block, the kernel too) and a float32 regulariser
+    gradient on float32 images: no block silently in the default float64 (which would promote θ and
+    the whole float32 training run to float64)."""
+    par = make_parametrisation(kind, 1, foe_filters=2, foe_size=3, kernel0=_kernel(1), dtype=torch.float32)
+    th = par.initial()
+    assert th.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in par.unflatten(th).values())
+    assert par.regulariser(th).grad(rand(1, 1, 6, 6, seed=9, dtype=torch.float32)).dtype == torch.float32
+
+
 # ------------------------------------------------------------------------------------------------
 # the lower-level problem: gradient, Hessian, mixed product, μ and L
 # ------------------------------------------------------------------------------------------------
