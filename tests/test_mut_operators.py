@@ -3,10 +3,12 @@
 Reference: the documented signature — every kernel builder creates its kernel on the ``device``
 and in the ``dtype`` it is given.  The 'meta' device (shapes only, no data) stands in for a second
 device, which the test machine lacks; a kernel built elsewhere and moved would be on the CPU."""
+import math
+
 import pytest
 import torch
 
-from operators import KERNEL_TYPES, disc_kernel, gaussian_kernel, make_kernel, motion_kernel
+from operators import KERNEL_TYPES, check_kernel, disc_kernel, gaussian_kernel, make_kernel, motion_kernel
 
 
 @pytest.mark.parametrize("kind", KERNEL_TYPES)
@@ -29,3 +31,12 @@ def test_unknown_motion_direction_names_the_choices():
     """Bad input: one line naming the value and the valid directions."""
     with pytest.raises(ValueError, match="unknown motion direction 'spiral'; use diagonal, vertical or horizontal"):
         motion_kernel(5, "spiral")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_kernel_refused_with_its_reason(bad):
+    """A kernel with a NaN or Inf entry is refused in one line that says so."""
+    b = motion_kernel(3, channels=1, dtype=torch.float64)
+    b[0, 0, 1, 1] = bad
+    with pytest.raises(ValueError, match="^kernel contains NaN or Inf$"):
+        check_kernel(b)
