@@ -88,8 +88,8 @@ def test_root_finder_hits_the_root_to_float64_accuracy(root):
     target = root**3 + root
     phi = lambda c: c**3 + c - target                       # noqa: E731
     ref = brentq(phi, 0.0, 2 * root + 1, xtol=1e-300, rtol=1e-15)
-    assert _root_increasing(phi, lambda c: 3 * c * c + 1) == pytest.approx(ref, rel=1e-14)
-    assert _root_increasing(phi, lambda c: 0.0) == pytest.approx(ref, rel=1e-14)
+    assert _root_increasing(phi, lambda c: 3 * c * c + 1) == pytest.approx(ref, rel=1e-14, abs=0)
+    assert _root_increasing(phi, lambda c: 0.0) == pytest.approx(ref, rel=1e-14, abs=0)   # no absolute slack
 
 
 def test_root_finder_returns_an_exact_zero():
