@@ -26,6 +26,10 @@ def test_grid_defaults_are_spec_4_1():
     assert t.shape == (200,) and t.dtype == torch.float64
     assert t[0].item() == pytest.approx(-0.995, abs=1e-15) and t[-1].item() == pytest.approx(0.995, abs=1e-14)
     assert torch.allclose(t.diff(), torch.full((199,), 0.01), atol=1e-15)
+    i = torch.arange(200.0)
+    ref = torch.exp(-(i[:, None] - i[None, :]) ** 2 / 50) / (5 * math.sqrt(2 * math.pi))
+    assert torch.allclose(gaussian_operator(), ref, rtol=1e-14, atol=0)       # A_ij, n = 200
+    assert ElasticNetBilevel(ref, t, 0.1, 0.1).step == 0.1                      # the paper's step
 
 
 def test_scaled_upper_loss_and_its_gradient():
@@ -51,6 +55,8 @@ def test_float32_problem_stays_float32_and_matches_float64():
     r64 = p64.solve_lower(A64, torch.zeros(12), 1e-8, 100_000)
     assert r32.converged and r32.x.dtype == torch.float32
     assert torch.dist(r32.x.double(), r64.x).item() <= 1e-3
+    h32, h64 = p32.hypergradient_direct(r32.x, A32), p64.hypergradient_direct(r64.x, A64)
+    assert h32.dtype == torch.float32 and torch.dist(h32.double(), h64).item() <= 1e-2 * h64.norm().item()
 
 
 def test_exact_fixed_point_is_certified_even_for_zero_tolerance():
@@ -67,8 +73,10 @@ def test_zero_iteration_budget_returns_the_start_uncertified():
     p, A, y = _problem()
     x0 = rand(12, seed=4)
     res = p.solve_lower(A, x0, 1e-3, 0)
-    assert res.iters == 0 and not res.converged and math.isinf(res.grad_norm) and torch.equal(res.x, x0)
+    assert res.iters == 0 and res.converged is False and math.isinf(res.grad_norm) and torch.equal(res.x, x0)
     assert (p.solves, p.uncertified) == (1, 1)
+    assert p.solve_lower(A, x0, 1e-3, 10_000).converged is True
+    assert (p.solves, p.uncertified) == (2, 1)                      # a certified solve adds no count
 
 
 def test_non_finite_iterate_stops_the_solve_and_counts():
@@ -86,7 +94,8 @@ def test_overflowing_L_counts_every_solve():
     """Each solve refused for a non-finite ``L`` (B too large for the dtype) is counted."""
     p, A, y = _problem()
     for _ in range(3):
-        assert p.solve_lower(1e200 * A, torch.zeros_like(y), 1e-3, 10).status == "non_finite"
+        res = p.solve_lower(1e200 * A, torch.zeros_like(y), 1e-3, 10)
+        assert res.status == "non_finite" and res.converged is False
     assert p.solves == 3
 
 
