@@ -145,6 +145,7 @@ def test_terms_against_dense_newton_step_and_dense_jacobian():
     assert t["omega_local"] == p.hypergradient_error_bound(x, b, q)
     assert t["omega"] == min(t["omega_local"], t["shift"] + t["omega_reference"])
     assert p.refined_error_bound(x, b, q, 1e-13, 1e-13) == t["omega"]
+    assert p.refined_error_bound(x, b, q) == p.refined_error_terms(x, b, q)["omega"]     # the same defaults
     assert t["newton_iterations"] > 0 and t["adjoint_iterations"] > 0
     two = p.refined_error_terms(x, b, q, newton_rtol=1e-13, adjoint_rtol=1e-13, newton_steps=2)
     d3 = _Dense(p, b, x_ref, q)
