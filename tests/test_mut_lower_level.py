@@ -149,3 +149,14 @@ def test_a_non_regulariser_is_refused_naming_its_type():
     b = motion_kernel(3, channels=2, dtype=torch.float64)
     with pytest.raises(TypeError, match=r"regulariser must be a regularisers.Regulariser .*, got float$"):
         LowerLevel(b, rand(2, 6, 6), 0.1)
+
+
+@pytest.mark.parametrize("eps", [1e-2, 1e-3, 1e-4, 1e-5])
+def test_float64_energy_solve_returns_only_points_its_certificate_proves(eps):
+    """A float64 ``certificate='energy'`` solve reports ``converged`` only at a point whose energy bound
+    (recomputed here) is ≤ ε: a check being due is not a pass (the schedule may check early); and the
+    bound is evaluated only when due, far fewer times than there are iterations."""
+    h, y = _small_problem()
+    res = solve_lower(h, y, eps, 20000, certificate="energy")
+    assert res.converged and h.energy_bound(h.grad(res.x)) <= eps
+    assert 1 <= h.certificate_evaluations <= max(3, res.iters // 4)
