@@ -334,3 +334,19 @@ def test_initial_x_comes_from_the_low_problem_or_is_asked_for():
     del low.initial_x
     with pytest.raises(ValueError, match="give x0"):
         maid.maid(MixedPrecisionProblem(low, high), theta.clone(), None, maid.MAIDConfig(max_iter=1))
+
+
+def test_rounding_reach_is_not_evaluated_at_or_above_twice_its_cap(lower):
+    """Where ε ≥ 2·cap with ``cap = L‖s‖/(2μ)`` (every bound of ``∇h(x + u) − ∇h(x)`` is ≤ L‖u‖/μ ≤
+    cap), the reach cannot move the hand-over below ε: ``cap`` itself is returned and nothing is
+    cached; just below 2·cap the reach is evaluated (and is ≤ cap, the bound it must obey)."""
+    h32, h64, y, _ = lower
+    lower_level._REACH_HINTS.clear()
+    cert = lower_level._Certificate(h64, 1e-6, "energy")
+    x = y.clone()
+    spacing = (torch.nextafter(x.abs(), torch.tensor(math.inf, dtype=torch.float32)) - x.abs()).double()
+    cap = h32.L * torch.linalg.vector_norm(spacing).item() / (2 * h32.mu)
+    assert lower_level._rounding_reach(h32, cert, x, eps=2.0001 * cap) == pytest.approx(cap, rel=1e-12)
+    assert len(lower_level._REACH_HINTS) == 0
+    reach = lower_level._rounding_reach(h32, cert, x, eps=1.9999 * cap)
+    assert len(lower_level._REACH_HINTS) == 1 and reach <= cap
