@@ -73,7 +73,7 @@ nu_step = 10 / 9           # step increase ν_α after a success
 eta = 1e-4                 # sufficient-decrease constant η
 backtracks = 5             # at most this many step sizes per line search
 cg_iter = 200              # cap on CG iterations per linear solve
-descent_check = False      # tighten ε until ω ≤ (1−η)‖z‖ (worst-case ω is far above ‖z‖ here; see README)
+descent_check = True       # tighten ε until ω ≤ (1−η)‖z‖, ω the refined a-posteriori bound (README "Accuracy control")
 baseline_eps = 1e-2        # accuracy of the TV baseline with b₀ ("solved to convergence")
 baseline_iters = 0         # 0: baseline solved to ‖∇h‖ ≤ μ·baseline_eps (fair) | N: exactly N iterations from y (paper: 100)
 baseline_lipschitz_factor = 1.0  # N > 0 only: step 1/L̃, L̃ = 10 power iterations on ∇²h(y) with the regulariser × this (paper: 100)

@@ -325,6 +325,25 @@ class ADPBetaProblem(BilevelProblem):
         tight by a Newton-corrected reference point, at the price of ``newton_steps + 1`` CG solves."""
         return self.refined_error_terms(x, b, q, newton_rtol, adjoint_rtol, newton_steps)["omega"]
 
+    #: tolerances (newton_rtol, adjoint_rtol) tried in turn by :meth:`a_posteriori_error`: cheap first
+    #: (default run: ω/‖z − ∇f‖ median 2.9 at 43 CG iterations per call), then the default (1.06, 88)
+    A_POSTERIORI_TOLERANCES = ((1e-1, 1e-2), (1e-3, 1e-3))
+
+    def a_posteriori_error(self, x, b, q, target: float = 0.0) -> tuple[float, int]:
+        """maid's optional plug-in method: ``(ω, CG iterations)``, ``ω ≥ ‖z − ∇f(b)‖`` for any pair
+        ``(x, q)``, made only as tight as ``target`` needs: the local bound (items 1–7, no CG) first;
+        if it is above ``target``, the refined bound (item 8) with the tolerances of
+        :data:`A_POSTERIORI_TOLERANCES` in turn, stopping at the first ``ω ≤ target``.  Every value
+        tried is a bound, so the smallest is returned."""
+        omega, iters = self.hypergradient_error_bound(x, b, q), 0
+        for newton_rtol, adjoint_rtol in self.A_POSTERIORI_TOLERANCES:
+            if omega <= target:
+                break
+            t = self.refined_error_terms(x, b, q, newton_rtol, adjoint_rtol)
+            omega = min(omega, t["omega"])
+            iters += int(t.get("newton_iterations", 0) + t.get("adjoint_iterations", 0))
+        return omega, iters
+
     def _hessian_kills_constants(self) -> bool:
         """``∇²R(x)1_c = 0`` for every x and channel c and ``λ_R = 0`` (SmoothedTV: ``D1 = 0``)."""
         return isinstance(self.regulariser, SmoothedTV) and self.regulariser.hessian_lower_bound() == 0

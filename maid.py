@@ -46,8 +46,14 @@ Optional: ``solve_adjoint(x, theta, rhs, q0, delta, max_iter)`` (default: conjug
 on ``hessian_vp``), ``upper_lipschitz(x, theta) -> float`` (``L_g`` alone, which the line search
 needs at every trial point; default: ``error_constants(x, theta).L_g`` — give a cheaper one when
 the other constants are costly), ``metrics(x, theta) -> dict`` (extra columns of the log,
-e.g. PSNR) and ``initial_x(theta)`` (the lower level's starting point when ``maid`` gets no
-``x0``).
+e.g. PSNR), ``initial_x(theta)`` (the lower level's starting point when ``maid`` gets no
+``x0``) and ``a_posteriori_error(x, theta, q, target) -> (omega, cg_iterations)``: a bound
+``ω ≥ ‖z − ∇f(θ)‖`` for the hypergradient ``z = ∂_θg(x, θ) − (∂²_{θx}h)ᵀq`` computed from this
+very pair, valid for any ``(x, q)`` (a-posteriori), and the CG iterations it spent (added to the
+cost); ``target = (1 − η)‖G‖`` is what the check needs, so a problem may stop refining its bound
+once ``ω ≤ target``.  The descent check asks for it only when the constants' ω does not already pass, uses the
+smaller of the two, and predicts ``ω(τᵗε, τᵗδ) ≈ τᵗω`` for an a-posteriori ω (it is then
+recomputed after each tightening).  ``ADPBetaProblem`` provides it (its refined bound).
 
 Every value a problem returns is checked once per call (type and shape only, no arithmetic):
 a wrong one raises one ``TypeError``/``ValueError`` naming the method (:class:`_Checked`).
@@ -592,6 +598,16 @@ class _Checked:
             raise TypeError(f"{self.name}.upper_lipschitz must return a float, got {type(out).__name__}")
         return out
 
+    def a_posteriori_error(self, x, theta, q, target):
+        f = getattr(self.p, "a_posteriori_error", None)
+        if f is None:
+            return math.inf, 0
+        out = f(x, theta, q, target)
+        if (not isinstance(out, tuple) or len(out) != 2 or isinstance(out[0], bool)
+                or not isinstance(out[0], numbers.Real) or isinstance(out[1], bool) or not isinstance(out[1], int)):
+            raise TypeError(f"{self.name}.a_posteriori_error must return (omega: float, cg_iterations: int), got {out!r}")
+        return float(out[0]), out[1]
+
     def metrics(self, x, theta) -> dict:
         f = getattr(self.p, "metrics", None)
         out = {} if f is None else f(x, theta)
@@ -602,7 +618,7 @@ class _Checked:
 
 def descent_check_decision(omega: float, z_norm: float, eps: float, delta: float, consts: ErrorConstants,
                            grad_x_g_norm: float, eta: float, tau: float, tightenings_left: int,
-                           eps_min: float) -> str:
+                           eps_min: float, a_posteriori: bool = False) -> str:
     """What the descent check (SPEC §3 step 1) does with ``ω`` and ``‖z‖`` at ``(ε, δ)``:
 
     * ``'ok'``: ``ω ≤ (1 − η)‖z‖`` — z is a descent direction, nothing to do;
@@ -617,7 +633,9 @@ def descent_check_decision(omega: float, z_norm: float, eps: float, delta: float
     * ``'tighten'``: otherwise (``t ≥ 1`` tightenings predicted to suffice and allowed).
 
     ``‖z‖`` and the constants change a little when the lower level is re-solved, so the
-    prediction is re-made after every tightening.
+    prediction is re-made after every tightening.  With ``a_posteriori`` (ω from the problem's
+    :meth:`a_posteriori_error`, not from the constants) the prediction is ``τᵗω``: an a-posteriori
+    bound scales with the errors it measures, which tightening shrinks by ``τ``.
     """
     target = (1 - eta) * z_norm
     if omega <= target:
@@ -626,7 +644,8 @@ def descent_check_decision(omega: float, z_norm: float, eps: float, delta: float
         return "skip: omega not finite"
     for t in range(1, tightenings_left + 1):
         f = tau**t
-        if error_bound(eps * f, delta * f, consts, grad_x_g_norm) <= target:
+        predicted = omega * f if a_posteriori else error_bound(eps * f, delta * f, consts, grad_x_g_norm)
+        if predicted <= target:
             return "tighten" if eps * f >= eps_min else "skip: needs eps < eps_min"
     return "skip: unreachable"
 
@@ -769,6 +788,16 @@ class _Counter:
             self.s.lower_cap_hits += 1
         return res
 
+    def a_posteriori(self, x, theta, q, target: float) -> float:
+        """The problem's a-posteriori ω at ``(x, q)`` (``math.inf`` when it has none); its CG
+        iterations are counted."""
+        f = getattr(self.p, "a_posteriori_error", None)
+        if f is None:
+            return math.inf
+        omega, it = f(x, theta, q, target)
+        self.s.cg_iters += it
+        return omega
+
     def hypergradient(self, x, theta, q0, delta):
         z, q, it, ok, delta_used = _hypergradient(self.p, x, theta, q0, delta, self.cfg.cg_max_iter,
                                                  self.cfg.cg_rel_tol)
@@ -884,9 +913,15 @@ def hypergradient_step(problem, s: MAIDState, cfg: MAIDConfig, count: _Counter, 
         gxn = _norm(problem.upper_grad_x(x, theta))
         consts = problem.error_constants(x, theta)
         omega = error_bound(s.eps, delta, consts, gxn)
+        a_post = False
+        if check and not omega <= (1 - cfg.eta) * Gn:
+            refined = count.a_posteriori(x, theta, q, (1 - cfg.eta) * Gn)
+            if refined < omega:
+                omega, a_post = refined, True
         descent_ok = omega <= (1 - cfg.eta) * Gn
         verdict = "off" if not check else descent_check_decision(
-            omega, Gn, s.eps, delta, consts, gxn, cfg.eta, cfg.tau, cfg.max_tightenings - tightenings, cfg.eps_min)
+            omega, Gn, s.eps, delta, consts, gxn, cfg.eta, cfg.tau, cfg.max_tightenings - tightenings, cfg.eps_min,
+            a_post)
         if verdict != "tighten":
             break
         s.eps *= cfg.tau

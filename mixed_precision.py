@@ -37,6 +37,8 @@ Counters (:attr:`stats`): ``solves``, ``promoted`` (returned a high-precision it
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from maid import LowerSolve, conjugate_gradient
@@ -135,6 +137,11 @@ class MixedPrecisionProblem:
     def error_constants(self, x, theta):
         p, t = self._side(x, theta)
         return p.error_constants(x, t)
+
+    def a_posteriori_error(self, x, theta, q, target=0.0):
+        p, t = self._side(x, theta)
+        own = getattr(p, "a_posteriori_error", None)
+        return (math.inf, 0) if own is None else own(x, t, q.to(x.dtype), target)
 
     def upper_lipschitz(self, x, theta):
         p, t = self._side(x, theta)

@@ -130,6 +130,7 @@ def test_descent_check_skips_worst_case_omega_it_cannot_reach():
     so no tightening and no extra lower solve is spent; the record says why.  The prediction is
     checked against the formula at the logged constants."""
     p, y, b0, _ = _deblur_problem("learned")
+    p.a_posteriori_error = None            # the constants' ω only (the refined bound: test_descent_check_a_posteriori)
     calls = []
     solve = p.solve_lower
     p.solve_lower = lambda *a: calls.append(a[2]) or solve(*a)
@@ -187,6 +188,7 @@ def test_accepted_candidate_is_not_solved_again():
     """Fixed step: one lower solve per upper step (plus the first); MAID: after an accepted step
     the next iteration reuses the candidate's solve (ε only grew), after a rejection it re-solves."""
     p, y, b0, _ = _deblur_problem("learned")
+    p.a_posteriori_error = None            # the constants' ω only (the refined bound: test_descent_check_a_posteriori)
     calls = []
     solve = p.solve_lower
     p.solve_lower = lambda *a: calls.append(a[2]) or solve(*a)
