@@ -143,20 +143,11 @@ def part2_default() -> float:
 
 
 def part2_random(n_problems: int = 4) -> None:
-    from adp_problem import ADPBetaProblem
+    from bench_omega import random_problem      # the same 3×24×24 problems as bench_omega.py
     from maid import hypergradient
-    from operators import Blur, gaussian_kernel, motion_kernel
-    from regularisers import SmoothedTV
     rows = []
     for seed in range(n_problems):
-        g = torch.Generator().manual_seed(seed)
-        x_true = torch.rand(3, 24, 24, generator=g, dtype=torch.float64)
-        a = gaussian_kernel(5, 0.8, channels=3, dtype=torch.float64)
-        y = Blur(a, (24, 24)).A(x_true) + 0.02 * torch.randn(3, 24, 24, generator=g, dtype=torch.float64)
-        b0 = motion_kernel(5, channels=3, dtype=torch.float64)
-        p = ADPBetaProblem(y, b0, SmoothedTV(0.005 * (1 + seed % 2), 0.01), 0.1, mu0=1e-2,
-                           upper_operator="learned" if seed % 2 == 0 else "known", known_kernel=a)
-        b = b0 + 0.02 * torch.randn(b0.shape, generator=g, dtype=torch.float64)
+        p, y, b = random_problem(seed)
         grad_f = _reference(p, b, y)
         for eps in (1e-2, 1e-3, 1e-4):
             x = p.solve_lower(b, y, eps, 100000).x
