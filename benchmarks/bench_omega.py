@@ -26,6 +26,7 @@ that both bounds hold.  Last line (default run, refined bound):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -131,7 +132,8 @@ def default_iterates(cache: str | None):
         return consts(x, b)
 
     p.mixed_vjp, p.error_constants = record_q, capture
-    res = maid(p, b0.clone(), y.clone(), ADP.maid_config(cfg, ADP.upper_scale(cfg, y)), prox=prox)
+    mc = dataclasses.replace(ADP.maid_config(cfg, ADP.upper_scale(cfg, y)), descent_check=False)
+    res = maid(p, b0.clone(), y.clone(), mc, prox=prox)
     p.mixed_vjp, p.error_constants = mixed, consts
     print(f"default run: {len(res.log)} iterations, stop {res.stop_reason}, {len(seen)} hypergradients", flush=True)
     data = []
