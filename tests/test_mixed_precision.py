@@ -350,3 +350,54 @@ def test_rounding_reach_is_not_evaluated_at_or_above_twice_its_cap(lower):
     assert len(lower_level._REACH_HINTS) == 0
     reach = lower_level._rounding_reach(h32, cert, x, eps=1.9999 * cap)
     assert len(lower_level._REACH_HINTS) == 1 and reach <= cap
+
+
+class _Stub:
+    """A problem of one precision that reports what it was called with (dtypes and values)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def metrics(self, x, t):
+        return {"side": self.name, "x": x.dtype, "theta": t.dtype, "theta_sum": t.sum().item()}
+
+    def a_posteriori_error(self, x, t, q, target):
+        return target, {"float32": 32, "float64": 64}[str(q.dtype).split(".")[1]] + (0 if t.dtype == x.dtype else 1)
+
+    def initial_x(self, theta):
+        return theta + 1
+
+
+def test_wrapper_dispatches_metrics_a_posteriori_error_and_initial_x():
+    """``metrics`` and ``a_posteriori_error`` go to the side of the iterate's precision with θ (and q)
+    cast to it, ``target`` passed through (0 when not given); ``initial_x`` is the low problem's;
+    a side without ``metrics``/``a_posteriori_error`` gives ``{}``/``(inf, 0)``; without
+    ``initial_x`` one ValueError names the remedy."""
+    mp = MixedPrecisionProblem(_Stub("low"), _Stub("high"))
+    theta = torch.tensor([0.25, 0.5], dtype=torch.float32)
+    x32, x64 = torch.zeros(3, dtype=torch.float32), torch.zeros(3, dtype=torch.float64)
+    q32 = torch.ones(3, dtype=torch.float32)
+    assert mp.metrics(x64, theta) == {"side": "high", "x": torch.float64, "theta": torch.float64, "theta_sum": 0.75}
+    assert mp.metrics(x32, theta) == {"side": "low", "x": torch.float32, "theta": torch.float32, "theta_sum": 0.75}
+    assert mp.a_posteriori_error(x64, theta, q32, 0.5) == (0.5, 64)      # q cast up, θ on x's side
+    assert mp.a_posteriori_error(x32, theta, q32, 0.25) == (0.25, 32)
+    assert mp.a_posteriori_error(x64, theta, q32) == (0.0, 64)            # default target 0: "as tight as you can"
+    assert torch.equal(mp.initial_x(theta), theta + 1)
+    bare = MixedPrecisionProblem(object(), object())
+    assert bare.metrics(x64, theta) == {} and bare.metrics(x32, theta) == {}
+    assert bare.a_posteriori_error(x64, theta, q32, 1.0) == (math.inf, 0)
+    with pytest.raises(ValueError, match=r"^maid: give x0 \(the lower level's starting point\) or a low problem "
+                                         r"with initial_x\(theta\)$"):
+        bare.initial_x(theta)
+
+
+def test_wrapper_a_posteriori_error_is_the_float64_problems_at_a_promoted_iterate():
+    """At a promoted (float64) iterate the wrapper's a-posteriori ω is the float64 ADP problem's at θ
+    and q cast to float64, for a strict target (refined bound, CG iterations > 0) and a loose one."""
+    low, high, theta, y = _problems()
+    mp = MixedPrecisionProblem(low, high)
+    x = mp.solve_lower(theta, y, 1e-7, 20000).x
+    q = torch.rand(y.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float32)
+    strict = mp.a_posteriori_error(x, theta, q, 0.0)
+    assert strict == high.a_posteriori_error(x, theta.double(), q.double(), 0.0) and strict[1] > 0
+    assert mp.a_posteriori_error(x, theta, q, math.inf) == (high.hypergradient_error_bound(x, theta.double(), q.double()), 0)
