@@ -401,3 +401,21 @@ def test_wrapper_a_posteriori_error_is_the_float64_problems_at_a_promoted_iterat
     strict = mp.a_posteriori_error(x, theta, q, 0.0)
     assert strict == high.a_posteriori_error(x, theta.double(), q.double(), 0.0) and strict[1] > 0
     assert mp.a_posteriori_error(x, theta, q, math.inf) == (high.hypergradient_error_bound(x, theta.double(), q.double()), 0)
+
+
+def test_wrapper_solve_adjoint_works_in_the_iterates_precision_and_keeps_the_warm_start():
+    """At a float64 iterate ``solve_adjoint`` casts a float32 right-hand side and warm start to
+    float64 (the solution is float64 and equals the float64 problem's CG), and a warm start that
+    already solves the system to δ costs 0 iterations."""
+    low, high, theta, y = _problems()
+    mp = MixedPrecisionProblem(low, high)
+    x = mp.solve_lower(theta, y, 1e-7, 20000).x
+    rhs32 = high.upper_grad_x(x, theta.double()).float()
+    q, it, ok = mp.solve_adjoint(x, theta, rhs32, None, 1e-10, 2000)
+    q_ref, it_ref, ok_ref = maid.conjugate_gradient(lambda v: high.hessian_vp(x, theta.double(), v), rhs32.double(),
+                                                    None, 1e-10, 2000)
+    assert ok and ok_ref and q.dtype == torch.float64 and it == it_ref and torch.equal(q, q_ref)
+    delta = 1e-2 * torch.linalg.vector_norm(rhs32).item()         # q = 0 does not meet it; q does
+    _, it_warm, ok_warm = mp.solve_adjoint(x, theta, rhs32, q.float(), delta, 2000)
+    _, it_cold, _ = mp.solve_adjoint(x, theta, rhs32, None, delta, 2000)
+    assert ok_warm and it_warm == 0 < it_cold
