@@ -749,8 +749,13 @@ def test_proximal_maid_decreases_exact_composite_objective_and_finds_constrained
 
 def test_maid_warnings_point_at_the_callers_line():
     """The cap-hit and never-moved warnings name the line that called ``maid`` (not an internal
-    frame of maid.py), whatever the depth of the internal call that raised them."""
+    frame of maid.py), whatever the depth of the internal call that raised them.  Skipped under
+    mutation testing: mutmut's trampolines add frames from another file between maid's functions."""
     import inspect
+    import os
+
+    if "MUTANT_UNDER_TEST" in os.environ:
+        pytest.skip("mutmut's trampolines change the call frames this test inspects")
 
     y = rand(16, seed=3)
 
