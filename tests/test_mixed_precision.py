@@ -419,3 +419,63 @@ def test_wrapper_solve_adjoint_works_in_the_iterates_precision_and_keeps_the_war
     _, it_warm, ok_warm = mp.solve_adjoint(x, theta, rhs32, q.float(), delta, 2000)
     _, it_cold, _ = mp.solve_adjoint(x, theta, rhs32, None, delta, 2000)
     assert ok_warm and it_warm == 0 < it_cold
+
+
+class _QuadStub:
+    """``h(x) = ½xᵀHx − bᵀx`` with a fixed SPD H in one precision: ``hessian_vp`` only (no
+    ``solve_adjoint``, no ``upper_lipschitz``), ``error_constants().L_g = 2``; ``solve_lower`` returns a
+    scripted result and records the x₀ dtypes it was given."""
+
+    def __init__(self, dtype, script=None):
+        g = torch.Generator().manual_seed(11)
+        M = torch.rand(4, 4, generator=g, dtype=torch.float64)
+        self.H = (M @ M.T + 0.5 * torch.eye(4, dtype=torch.float64)).to(dtype)
+        self.script, self.x0_dtypes = list(script or []), []
+
+    def hessian_vp(self, x, t, v):
+        return self.H @ v
+
+    def error_constants(self, x, t):
+        return maid.ErrorConstants(mu=1.0, L_g=2.0, J_norm=1.0, L_J=1.0, L_Hinv=1.0)
+
+    def solve_lower(self, t, x0, eps, max_iter):
+        self.x0_dtypes.append(x0.dtype)
+        iters, converged = self.script.pop(0)
+        return maid.LowerSolve(x0 + 1, iters, 0.5, converged)
+
+
+def test_wrapper_fallbacks_for_problems_without_solve_adjoint_or_upper_lipschitz():
+    """A side without ``solve_adjoint`` is solved by CG on its ``hessian_vp`` (the same result as
+    ``maid.conjugate_gradient`` on H, to δ); a side with its own ``solve_adjoint`` is used as is;
+    ``upper_lipschitz`` falls back to ``error_constants().L_g`` and uses a side's own when given;
+    equal precisions are refused."""
+    mp = MixedPrecisionProblem(_QuadStub(torch.float32), _QuadStub(torch.float64))
+    x64, theta = torch.zeros(4, dtype=torch.float64), torch.zeros(2, dtype=torch.float32)
+    rhs = torch.arange(1.0, 5.0, dtype=torch.float64)
+    q, it, ok = mp.solve_adjoint(x64, theta, rhs, None, 1e-12, 100)
+    q_ref, it_ref, _ = maid.conjugate_gradient(lambda v: mp.high.H @ v, rhs, None, 1e-12, 100)
+    assert ok and it == it_ref and torch.equal(q, q_ref)
+    torch.testing.assert_close(mp.high.H @ q, rhs, rtol=0, atol=1e-11)
+    assert mp.upper_lipschitz(x64, theta) == 2.0
+    mp.high.upper_lipschitz = lambda x, t: 7.0
+    mp.high.solve_adjoint = lambda x, t, r, q0, d, m: ("own", d, m)
+    assert mp.upper_lipschitz(x64, theta) == 7.0
+    assert mp.solve_adjoint(x64, theta, rhs, None, 1e-3, 9) == ("own", 1e-3, 9)
+    with pytest.raises(ValueError, match="low_dtype must be less precise"):
+        MixedPrecisionProblem(mp.low, mp.high, torch.float64, torch.float64)
+
+
+def test_wrapper_solve_lower_without_the_mixed_solver_promotes_and_counts():
+    """``mixed_lower=False``: below ``promote_below`` the high side solves from x₀ cast up; above, a
+    low solve that stops before its cap uncertified is finished by the high side (iterations
+    added, ``promote_below`` raised to that ε); ``stats`` counts solves, promoted and uncertified."""
+    low = _QuadStub(torch.float32, script=[(5, False)])
+    high = _QuadStub(torch.float64, script=[(7, True), (3, False)])
+    mp = MixedPrecisionProblem(low, high, mixed_lower=False, promote_below=1e-4)
+    theta, x0 = torch.zeros(2, dtype=torch.float32), torch.zeros(4, dtype=torch.float32)
+    r1 = mp.solve_lower(theta, x0, 1e-5, 100)                   # below promote_below: high, x₀ cast up
+    assert high.x0_dtypes == [torch.float64] and r1.iters == 7 and r1.x.dtype == torch.float64
+    r2 = mp.solve_lower(theta, x0, 1e-3, 100)                   # low stops at 5 < 100 uncertified: high finishes
+    assert low.x0_dtypes == [torch.float32] and r2.iters == 5 + 3 and not r2.converged
+    assert mp.promote_below == 1e-3
+    assert mp.stats == {"solves": 2, "promoted": 2, "uncertified": 1}
