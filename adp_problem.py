@@ -299,7 +299,7 @@ class ADPBetaProblem(BilevelProblem):
             raise ValueError(f"newton_steps must be a positive integer, got {newton_steps!r}")
         h = self.lower(b)
         if not h.mu > 0:
-            return {"omega": math.inf}
+            return {"omega": math.inf, "newton_iterations": 0, "adjoint_iterations": 0}
         local = self.hypergradient_error_terms(x, b, q)["omega"]
         x_ref, newton_it = x, 0
         for _ in range(newton_steps):
@@ -341,7 +341,7 @@ class ADPBetaProblem(BilevelProblem):
                 break
             t = self.refined_error_terms(x, b, q, newton_rtol, adjoint_rtol)
             omega = min(omega, t["omega"])
-            iters += int(t.get("newton_iterations", 0) + t.get("adjoint_iterations", 0))
+            iters += int(t["newton_iterations"] + t["adjoint_iterations"])
         return omega, iters
 
     def _hessian_kills_constants(self) -> bool:

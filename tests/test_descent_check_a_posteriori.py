@@ -108,3 +108,65 @@ def test_problem_without_the_method_keeps_the_constants_omega():
 
     with pytest.raises(TypeError, match="a_posteriori_error must return"):
         _run(Bad(p), iters=1)
+
+
+def test_decision_boundary_is_omega_at_most_one_minus_eta_times_z():
+    """``ω = (1 − η)‖z‖`` exactly passes ('ok'); ``ω`` between ``(1 − η)‖z‖`` and ``(1 + η)‖z‖``
+    does not (η = ½ so the numbers are exact)."""
+    base = (1e-2, 1e-2, _HUGE, 1.0, 0.5, 0.5, 10, 1e-9)
+    assert descent_check_decision(0.5, 1.0, *base, a_posteriori=True) == "ok"
+    assert descent_check_decision(0.75, 1.0, *base, a_posteriori=True) == "tighten"
+
+
+@pytest.mark.parametrize("bad", [0.1, (0.1,), (0.1, 2, 3), (True, 3), ("0.1", 3), (0.1, True), (0.1, 2.0)])
+def test_checked_problem_refuses_a_malformed_a_posteriori_return(bad):
+    """maid's check of a plug-in problem: ``a_posteriori_error`` must return ``(float, int)``."""
+    from maid import _Checked
+    p, y, b0, _ = _deblur_problem()
+
+    class Bad(_Spy):
+        def a_posteriori_error(self, x, b, q, target):
+            return bad
+
+    with pytest.raises(TypeError, match="a_posteriori_error must return"):
+        _Checked(Bad(p), b0, y).a_posteriori_error(y, b0, y, 0.5)
+
+
+def test_checked_problem_without_the_method_reports_no_bound_and_no_cost():
+    from maid import _Checked
+    p, y, b0, _ = _deblur_problem()
+    p.a_posteriori_error = None
+    assert _Checked(p, b0, y).a_posteriori_error(y, b0, y, 0.5) == (math.inf, 0)
+
+
+def test_adp_a_posteriori_error_is_as_tight_as_the_target_needs():
+    """``ADPBetaProblem.a_posteriori_error``: with ``target = ∞`` the local bound and no CG; with
+    ``target = 0`` the minimum of the local bound and the refined bound at both tolerance pairs of
+    ``A_POSTERIORI_TOLERANCES``, with the CG iterations of both; with a target met by the first
+    refined bound, that bound and its iterations only."""
+    p, y, b0, _ = _deblur_problem()
+    b = b0 + 0.01
+    x = p.solve_lower(b, y.clone(), 1e-3, 100000).x
+    q = torch.zeros_like(x) + 0.01
+    local = p.hypergradient_error_bound(x, b, q)
+    assert p.a_posteriori_error(x, b, q, math.inf) == (local, 0)
+    (n1, a1), (n2, a2) = p.A_POSTERIORI_TOLERANCES
+    t1, t2 = p.refined_error_terms(x, b, q, n1, a1), p.refined_error_terms(x, b, q, n2, a2)
+    cost = lambda t: t["newton_iterations"] + t["adjoint_iterations"]  # noqa: E731
+    assert p.a_posteriori_error(x, b, q, 0.0) == (min(local, t1["omega"], t2["omega"]), cost(t1) + cost(t2))
+    assert t1["omega"] < local and cost(t1) > 0
+    assert p.a_posteriori_error(x, b, q, t1["omega"]) == (t1["omega"], cost(t1))
+    # the default target is 0 ("as tight as it gets"), also where the local bound is already below 1
+    from maid import conjugate_gradient
+    xa = p.solve_lower(b, x, 1e-8, 100000).x
+    qa, _, _ = conjugate_gradient(lambda v: p.hessian_vp(xa, b, v), p.upper_grad_x(xa, b), None, 1e-10, 5000)
+    tight = p.a_posteriori_error(xa, b, qa, 0.0)
+    assert p.hypergradient_error_bound(xa, b, qa) < 1 and tight[1] > 0
+    assert p.a_posteriori_error(xa, b, qa) == tight
+
+
+@pytest.mark.parametrize("z", [1.2, 1.0])
+def test_one_tightening_is_found_when_it_suffices(z):
+    """ω = 1, τ = ½, η = ½: one tightening predicts ½ ≤ (1 − η)‖z‖ (strictly for ‖z‖ = 1.2, with
+    equality for ‖z‖ = 1), and ε·τ = 5e-3 ≥ ε_min = 4e-3 allows it (two would not: 2.5e-3)."""
+    assert descent_check_decision(1.0, z, 1e-2, 1e-2, _HUGE, 1.0, 0.5, 0.5, 10, 4e-3, a_posteriori=True) == "tighten"
