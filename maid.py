@@ -789,12 +789,9 @@ class _Counter:
         return res
 
     def a_posteriori(self, x, theta, q, target: float) -> float:
-        """The problem's a-posteriori ω at ``(x, q)`` (``math.inf`` when it has none); its CG
-        iterations are counted."""
-        f = getattr(self.p, "a_posteriori_error", None)
-        if f is None:
-            return math.inf
-        omega, it = f(x, theta, q, target)
+        """The problem's a-posteriori ω at ``(x, q)`` (``math.inf`` when it has none: the counter wraps
+        :class:`_Checked`, which says so); its CG iterations are counted."""
+        omega, it = self.p.a_posteriori_error(x, theta, q, target)
         self.s.cg_iters += it
         return omega
 
@@ -913,12 +910,13 @@ def hypergradient_step(problem, s: MAIDState, cfg: MAIDConfig, count: _Counter, 
         gxn = _norm(problem.upper_grad_x(x, theta))
         consts = problem.error_constants(x, theta)
         omega = error_bound(s.eps, delta, consts, gxn)
+        target = (1 - cfg.eta) * Gn
         a_post = False
-        if check and not omega <= (1 - cfg.eta) * Gn:
-            refined = count.a_posteriori(x, theta, q, (1 - cfg.eta) * Gn)
+        if check and not omega <= target:
+            refined = count.a_posteriori(x, theta, q, target)
             if refined < omega:
                 omega, a_post = refined, True
-        descent_ok = omega <= (1 - cfg.eta) * Gn
+        descent_ok = omega <= target
         verdict = "off" if not check else descent_check_decision(
             omega, Gn, s.eps, delta, consts, gxn, cfg.eta, cfg.tau, cfg.max_tightenings - tightenings, cfg.eps_min,
             a_post)
